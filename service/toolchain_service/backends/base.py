@@ -1,0 +1,106 @@
+"""What the runner needs from a model backend, in backend-neutral types.
+
+A backend turns a `ChatRequest` into either one `Completion` (unstreamed) or a stream of
+`ModelDelta`s, and declares its `Capabilities` so the runner can adapt instead of
+failing: llama.cpp, for instance, refuses a streamed `tool_choice="auto"`, so the runner
+asks it for the tool phase unstreamed and replays the result as chunks.
+Every failure is raised as a `toolchain_service.errors.BackendError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from toolchain_service.events import ToolCall, ToolCallDelta, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the runner picks the call style from these."""
+
+    #: Streams a completion whose request has tools and tool_choice="auto".
+    streams_tool_calls: bool = True
+    #: Returns structured `tool_calls` (otherwise only JSON in content is expected).
+    native_tool_calls: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of transient failures (BackendUnavailable) before any output was sent."""
+
+    max_retries: int = 2
+    initial_backoff: float = 0.2
+    max_backoff: float = 2.0
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    max_tokens: int
+    temperature: float
+    tools: list[dict[str, Any]] | None = None
+    #: Seconds the whole backend call may take (already capped by the caller's deadline).
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDelta:
+    """One streamed piece of a completion. Tool-call deltas are raw: ids and names may
+    repeat in every delta, as some servers send them."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    finish_reason: str = ""
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: str = ""
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class BackendInfo:
+    name: str
+    kind: str
+    default_model: str
+    models: tuple[str, ...] = field(default=())
+
+
+class ChatBackend(abc.ABC):
+    """A named model backend, shared by every stage for the process's life."""
+
+    def __init__(self, info: BackendInfo, capabilities: Capabilities, retry: RetryPolicy) -> None:
+        self.info = info
+        self.capabilities = capabilities
+        self.retry = retry
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @abc.abstractmethod
+    async def complete(self, request: ChatRequest) -> Completion:
+        """One unstreamed chat completion."""
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncGenerator[ModelDelta, None]:
+        """A streamed chat completion. Closing the iterator (aclose) closes the upstream
+        request at once; so does cancelling the task that iterates it."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Prepare (load a model, open pools). Called once at server start."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what `start` and the calls opened."""
+
+    def is_ready(self) -> bool:
+        """Whether the backend can serve now (used by the health service)."""
+        return True

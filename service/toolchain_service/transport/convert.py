@@ -1,0 +1,153 @@
+"""Domain events to toolchain.v1 messages, and streams folded into unary responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import duration_pb2, struct_pb2
+from toolchain_proto.v1 import toolchain_pb2 as pb
+
+from toolchain_service.errors import StageError
+from toolchain_service.events import (
+    CancelEvent,
+    ChunkEvent,
+    DoneEvent,
+    ErrorEvent,
+    PhaseStats,
+    StageEvent,
+    ToolCallResult,
+    ToolSummaryEvent,
+)
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+
+
+def value(obj: Any) -> struct_pb2.Value:
+    out = struct_pb2.Value()
+    if obj is None:
+        out.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(obj, bool):
+        out.bool_value = obj
+    elif isinstance(obj, int | float):
+        out.number_value = obj
+    elif isinstance(obj, str):
+        out.string_value = obj
+    elif isinstance(obj, dict):
+        out.struct_value.update(obj)
+    else:
+        out.list_value.extend(obj)
+    return out
+
+
+def tool_result(result: ToolCallResult) -> pb.ToolCallResult:
+    message = pb.ToolCallResult(
+        call_id=result.call.id,
+        tool_name=result.call.name,
+        arguments=result.call.arguments,
+        outcome=result.outcome.value,  # type: ignore[arg-type]
+        error=result.error,
+        duration=duration(result.duration),
+    )
+    if result.outcome.name == "OK":
+        message.result.CopyFrom(value(result.result))
+    return message
+
+
+def phase_stats(stats: PhaseStats) -> pb.PhaseStats:
+    message = pb.PhaseStats(
+        finish_reason=stats.finish_reason,
+        duration=duration(stats.duration),
+        retries=stats.retries,
+        model=stats.model,
+    )
+    if stats.usage is not None:
+        u = stats.usage
+        message.usage.CopyFrom(
+            pb.Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                total_tokens=u.total_tokens,
+            )
+        )
+    return message
+
+
+def error(err: StageError) -> pb.Error:
+    message = pb.Error(
+        code=int(err.code),
+        message=err.message,
+        phase=err.phase.value,  # type: ignore[arg-type]
+        retryable=err.retryable,
+        reason=err.reason,
+    )
+    if err.retry_after is not None:
+        message.retry_delay.CopyFrom(duration(err.retry_after))
+    return message
+
+
+def stage_event(stage_id: str, sequence: int, event: StageEvent) -> pb.StageEvent:
+    out = pb.StageEvent(stage_id=stage_id, sequence=sequence)
+    if isinstance(event, ChunkEvent):
+        chunk = out.chunk
+        chunk.phase = event.phase.value  # type: ignore[assignment]
+        if event.content:
+            chunk.content = event.content
+        if event.finish_reason:
+            chunk.finish_reason = event.finish_reason
+        for d in event.tool_calls:
+            chunk.tool_calls.add(index=d.index, id=d.id, name=d.name, arguments_fragment=d.arguments)
+    elif isinstance(event, ToolSummaryEvent):
+        out.tool_summary.SetInParent()
+        out.tool_summary.results.extend(tool_result(r) for r in event.results)
+    elif isinstance(event, DoneEvent):
+        done = out.done
+        done.text = event.text
+        done.tool_phase.CopyFrom(phase_stats(event.tool_phase))
+        if event.synthesis_phase is not None:
+            done.synthesis_phase.CopyFrom(phase_stats(event.synthesis_phase))
+    elif isinstance(event, CancelEvent):
+        out.cancel.reason = event.reason.value  # type: ignore[assignment]
+        out.cancel.message = event.message
+    elif isinstance(event, ErrorEvent):
+        out.error.CopyFrom(error(event.error))
+    return out
+
+
+class Fold:
+    """Collects a stage's events into what a unary response needs."""
+
+    __slots__ = ("done", "results", "stage_id")
+
+    def __init__(self, stage_id: str) -> None:
+        self.stage_id = stage_id
+        self.results: tuple[ToolCallResult, ...] = ()
+        self.done: DoneEvent | None = None
+
+    def add(self, event: StageEvent) -> None:
+        if isinstance(event, ToolSummaryEvent):
+            self.results = event.results
+        elif isinstance(event, DoneEvent):
+            self.done = event
+
+    def tools_response(self) -> pb.RunToolsResponse:
+        assert self.done is not None
+        return pb.RunToolsResponse(
+            stage_id=self.stage_id,
+            tool_results=[tool_result(r) for r in self.results],
+            text=self.done.text,
+            tool_phase=phase_stats(self.done.tool_phase),
+        )
+
+    def synthesis_response(self) -> pb.RunSynthesisResponse:
+        assert self.done is not None
+        response = pb.RunSynthesisResponse(
+            stage_id=self.stage_id,
+            text=self.done.text,
+            tool_results=[tool_result(r) for r in self.results],
+            tool_phase=phase_stats(self.done.tool_phase),
+        )
+        if self.done.synthesis_phase is not None:
+            response.synthesis_phase.CopyFrom(phase_stats(self.done.synthesis_phase))
+        return response

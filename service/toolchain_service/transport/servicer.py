@@ -1,0 +1,216 @@
+"""ToolchainService: six thin doors onto one stage runner.
+
+The streaming RPCs number the runner's events and write them; the unary RPCs fold the
+same events into one response. Both end the call with the status that matches the
+terminal event: OK after Done, the error's code after Error, CANCELLED (or
+DEADLINE_EXCEEDED) after Cancel. A client that goes away cancels the handler task; the
+CancelledError unwinds the runner (closing the backend request and cancelling tools)
+and propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
+from typing import NoReturn, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+from toolchain_proto.v1 import toolchain_pb2 as pb
+from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
+
+from toolchain_service.config import Settings
+from toolchain_service.errors import StageError
+from toolchain_service.events import CancelEvent, CancelReason, DoneEvent, ErrorEvent, StageEvent, StageSpec
+from toolchain_service.observe import StageObserver
+from toolchain_service.runner import StageRunner
+from toolchain_service.stages import StageHandle, StageManager
+from toolchain_service.transport import convert
+from toolchain_service.transport.requests import parse_stage
+from toolchain_service.transport.status import cancel_status, grpc_status
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[object, object]
+StreamResponse = TypeVar("StreamResponse", pb.StreamToolsResponse, pb.StreamSynthesisResponse)
+
+_CANCEL_MESSAGES = {
+    CancelReason.CANCEL_STAGE: "cancelled by CancelStage",
+    CancelReason.DEADLINE: "the call's deadline passed",
+    CancelReason.SHUTDOWN: "the server is shutting down",
+}
+
+
+class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
+    def __init__(
+        self, runner: StageRunner, stages: StageManager, settings: Settings, observer: StageObserver
+    ) -> None:
+        self.runner = runner
+        self.stages = stages
+        self.settings = settings
+        self.observer = observer
+
+    # -- the four stage doors -------------------------------------------------------
+
+    async def RunTools(self, request: pb.RunToolsRequest, context: Context) -> pb.RunToolsResponse:
+        fold = await self._unary(request.stage, context, "RunTools", synthesis=False)
+        return fold.tools_response()
+
+    async def RunSynthesis(
+        self, request: pb.RunSynthesisRequest, context: Context
+    ) -> pb.RunSynthesisResponse:
+        fold = await self._unary(request.stage, context, "RunSynthesis", synthesis=True)
+        return fold.synthesis_response()
+
+    # The streaming doors write with context.write instead of being async generators, so
+    # that a cancellation always lands in code that can answer it with a Cancel event.
+    async def StreamTools(self, request: pb.StreamToolsRequest, context: Context) -> None:  # type: ignore[override]
+        await self._stream(request.stage, context, "StreamTools", pb.StreamToolsResponse, synthesis=False)
+
+    async def StreamSynthesis(self, request: pb.StreamSynthesisRequest, context: Context) -> None:  # type: ignore[override]
+        await self._stream(
+            request.stage, context, "StreamSynthesis", pb.StreamSynthesisResponse, synthesis=True
+        )
+
+    # -- the other RPCs ------------------------------------------------------------
+
+    async def CancelStage(self, request: pb.CancelStageRequest, context: Context) -> pb.CancelStageResponse:
+        try:
+            self.stages.cancel(request.stage_id)
+        except StageError as exc:
+            await self._abort(context, exc)
+        return pb.CancelStageResponse(stage_id=request.stage_id)
+
+    async def ListTools(self, request: pb.ListToolsRequest, context: Context) -> pb.ListToolsResponse:
+        response = pb.ListToolsResponse()
+        for tool in self.runner.tools.tools():
+            schema = struct_pb2.Struct()
+            schema.update(tool.parameters_schema())
+            response.tools.add(
+                name=tool.name,
+                description=tool.description,
+                parameters_schema=schema,
+                timeout_seconds=self.runner.tools.timeout_of(tool),
+            )
+        return response
+
+    # -- shared machinery ------------------------------------------------------------
+
+    def _open(
+        self, stage: pb.StageRequest, context: Context, rpc: str, *, synthesis: bool, stream: bool
+    ) -> tuple[StageSpec, StageHandle, AsyncGenerator[StageEvent, None]]:
+        spec = parse_stage(stage, self.settings, synthesis=synthesis, stream=stream)
+        handle = self.stages.open(spec.stage_id)
+        remaining = context.time_remaining()
+        handle.cancel_at_deadline(remaining)
+        deadline = None if remaining is None else time.monotonic() + remaining
+        return spec, handle, self.runner.run(spec, deadline)
+
+    async def _abort(self, context: Context, exc: StageError) -> NoReturn:
+        status = grpc_status(exc)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("abort returned")  # pragma: no cover
+
+    async def _stream(
+        self,
+        stage: pb.StageRequest,
+        context: Context,
+        rpc: str,
+        response_type: Callable[..., StreamResponse],
+        *,
+        synthesis: bool,
+    ) -> None:
+        write: Callable[[StreamResponse], Awaitable[None]] = context.write
+        record = self.observer.start(rpc)
+        try:
+            spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=True)
+        except StageError as exc:
+            record.finish_error(exc)
+            await write(response_type(event=convert.stage_event(stage.stage_id, 0, ErrorEvent(exc))))
+            await self._abort(context, exc)
+        record.spec = spec
+        sequence = 0
+        terminal: StageEvent | None = None
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, DoneEvent | ErrorEvent):
+                        handle.finish()  # from here on nothing may cancel the stage
+                        terminal = event
+                    record.event(event)
+                    await write(response_type(event=convert.stage_event(spec.stage_id, sequence, event)))
+                    sequence += 1
+            if isinstance(terminal, ErrorEvent):
+                record.finish_error(terminal.error)
+            else:
+                record.finish_done()
+        except asyncio.CancelledError:
+            reason = self._uncancel(handle)
+            if reason == CancelReason.CLIENT:
+                expired = (context.time_remaining() or 1.0) <= 0
+                record.finish_cancel(CancelReason.DEADLINE if expired else reason)
+                raise
+            record.finish_cancel(reason)
+            cancel = CancelEvent(reason, _CANCEL_MESSAGES[reason])
+            code, details = cancel_status(reason)
+            try:
+                await write(response_type(event=convert.stage_event(spec.stage_id, sequence, cancel)))
+            finally:
+                self.stages.close(handle)
+            await context.abort(code, details)
+        finally:
+            self.stages.close(handle)
+            record.close()
+        if isinstance(terminal, ErrorEvent):
+            await self._abort(context, terminal.error)
+
+    async def _unary(
+        self, stage: pb.StageRequest, context: Context, rpc: str, *, synthesis: bool
+    ) -> convert.Fold:
+        record = self.observer.start(rpc)
+        try:
+            spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=False)
+        except StageError as exc:
+            record.finish_error(exc)
+            await self._abort(context, exc)
+        record.spec = spec
+        fold = convert.Fold(spec.stage_id)
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, DoneEvent | ErrorEvent):
+                        handle.finish()
+                    record.event(event)
+                    if isinstance(event, ErrorEvent):
+                        record.finish_error(event.error)
+                        await self._abort(context, event.error)
+                    fold.add(event)
+            record.finish_done()
+        except asyncio.CancelledError:
+            reason = self._uncancel(handle)
+            if reason == CancelReason.CLIENT:
+                expired = (context.time_remaining() or 1.0) <= 0
+                record.finish_cancel(CancelReason.DEADLINE if expired else reason)
+                raise
+            record.finish_cancel(reason)
+            self.stages.close(handle)
+            code, details = cancel_status(reason)
+            await context.abort(code, details)
+        finally:
+            self.stages.close(handle)
+            record.close()
+        return fold
+
+    @staticmethod
+    def _uncancel(handle: StageHandle) -> CancelReason:
+        """Who cancelled: our own cancellations are taken back so the door can report them."""
+        handle.finish()
+        if handle.reason == CancelReason.UNSPECIFIED:
+            return CancelReason.CLIENT
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return handle.reason

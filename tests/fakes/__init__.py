@@ -1,0 +1,1 @@
+"""Test doubles that speak real network protocols (HTTP fakes of upstream backends)."""
