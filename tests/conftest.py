@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest_asyncio
-
-from tests.fakes.openai_backend import FakeBackend
-from tests.fakes.tools import Echo, Misbehave
+from google.protobuf.message import Message
+from google.rpc import status_pb2
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 from toolchain_service.config import BackendSettings, Settings, ToolSettings
 from toolchain_service.tools.builtin import builtin_tools
 from toolchain_service.transport.server import RunningServer, start_server
+
+from tests.fakes.openai_backend import FakeBackend
+from tests.fakes.tools import Echo, Misbehave
+
+T = TypeVar("T", bound=Message)
 
 
 @dataclass
@@ -24,7 +28,7 @@ class Harness:
     fake: FakeBackend
     server: RunningServer
     channel: grpc.aio.Channel
-    stub: pb_grpc.ToolchainServiceStub
+    stub: pb_grpc.ToolchainServiceAsyncStub
     echo: Echo
     misbehave: Misbehave
 
@@ -57,7 +61,7 @@ async def start_harness(fake: FakeBackend, **overrides: Any) -> Harness:
 
 
 async def stop_harness(h: Harness) -> None:
-    await h.channel.close()
+    await h.channel.close(None)
     await h.server.stop(0)
 
 
@@ -82,7 +86,7 @@ async def collect(call: Any) -> tuple[list[pb.StageEvent], grpc.StatusCode]:
     """Every event of a streaming call and the call's final status."""
     events: list[pb.StageEvent] = []
     try:
-        async for response in call:
+        while (response := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs lag
             events.append(response.event)
     except grpc.aio.AioRpcError as err:
         return events, err.code()
@@ -91,3 +95,21 @@ async def collect(call: Any) -> tuple[list[pb.StageEvent], grpc.StatusCode]:
 
 def kinds(events: list[pb.StageEvent]) -> list[str]:
     return [e.WhichOneof("event") or "" for e in events]
+
+
+def rich_status(err: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status a client decodes from the error's trailers."""
+    trailers: Any = err.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin":
+            assert isinstance(value, bytes)
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no google.rpc.Status in the trailers")
+
+
+def detail(status: status_pb2.Status, kind: type[T]) -> T:
+    for packed in status.details:
+        message = kind()
+        if packed.Unpack(message):
+            return message
+    raise AssertionError(f"no {kind.__name__} in the status details")

@@ -6,10 +6,10 @@ import json
 
 import grpc
 from google.protobuf import json_format
+from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from tests.conftest import Harness, collect, kinds, stage
 from tests.fakes.openai_backend import JSONReply, SSEReply, call, completion, text_chunks, tool_call_chunks
-from toolchain_proto.v1 import toolchain_pb2 as pb
 
 
 def script_calculator_stage(h: Harness, *, streamed: bool, answer: str = "The answer is 5.") -> None:
@@ -20,7 +20,9 @@ def script_calculator_stage(h: Harness, *, streamed: bool, answer: str = "The an
         )
     else:
         h.fake.script(
-            JSONReply(completion(tool_calls=[call("calculator", {"expression": "2+3"}, id="c1")], usage=(40, 12))),
+            JSONReply(
+                completion(tool_calls=[call("calculator", {"expression": "2+3"}, id="c1")], usage=(40, 12))
+            ),
             JSONReply(completion(content=answer, usage=(60, 6))),
         )
 
@@ -93,7 +95,9 @@ async def test_stream_tools_ends_after_the_summary_without_synthesis(h: Harness)
 
 
 async def test_run_tools_returns_results_and_the_server_generates_a_stage_id(h: Harness) -> None:
-    h.fake.script(JSONReply(completion(tool_calls=[call("echo", {"text": "a"}), call("echo", {"text": "b"})])))
+    h.fake.script(
+        JSONReply(completion(tool_calls=[call("echo", {"text": "a"}), call("echo", {"text": "b"})]))
+    )
     response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()))
     assert len(response.stage_id) == 36  # a UUID
     assert [r.outcome for r in response.tool_results] == [pb.TOOL_OUTCOME_OK, pb.TOOL_OUTCOME_OK]

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from pydantic import Field
-
 from toolchain_service.tools.base import JSONValue, Tool, ToolArguments, ToolFailure
 
 

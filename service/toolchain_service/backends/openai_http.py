@@ -158,7 +158,8 @@ class OpenAIHTTPBackend(ChatBackend):
                     yield delta
                 if not finished:
                     raise BackendUnavailable(
-                        f"backend {self.name!r} closed the stream before it finished (no finish reason, no [DONE])"
+                        f"backend {self.name!r} closed the stream before it finished"
+                        " (no finish reason, no [DONE])"
                     )
         except BackendError:
             raise
