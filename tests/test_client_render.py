@@ -211,7 +211,7 @@ def test_tool_table_truncates_long_cells() -> None:
 
 def test_tool_table_flattens_newlines() -> None:
     table = format_tool_table([result("t", pb.TOOL_OUTCOME_FAILED, arguments="not\njson", error="a\nb")])
-    assert table.splitlines()[1].endswith("not json  a b")
+    assert " ".join(table.splitlines()[1].split()).endswith("failed 0.0 not json a b")
 
 
 def test_tool_table_empty() -> None:
@@ -410,7 +410,7 @@ def test_error_details_retry_info() -> None:
     assert "retry after 2.5 s" in format_error(event)
 
 
-class _SyncCallError(grpc.RpcError, grpc.Call):  # type: ignore[misc]  # the stubs disagree on trailers
+class _SyncCallError(grpc.RpcError, grpc.Call):
     """What a blocking call raises: an RpcError that is also a grpc.Call."""
 
     def __init__(self, code: grpc.StatusCode, message: str, trailer: Any) -> None:
@@ -475,7 +475,7 @@ def test_error_details_without_trailer() -> None:
 
 
 def test_redact_secret_keys() -> None:
-    settings = {
+    settings: dict[str, Any] = {
         "address": "127.0.0.1:50051",
         "tool_phase": {"max_tokens": 256, "temperature": 0.0},
         "max_tokens_ceiling": 8192,

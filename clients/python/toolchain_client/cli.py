@@ -136,6 +136,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             uvloop.run(serve(settings))
     except KeyboardInterrupt:  # before the server installed its own SIGINT handler
         return EXIT_CANCELLED
+    except ConfigError as exc:  # found while building the parts (e.g. a missing API key)
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

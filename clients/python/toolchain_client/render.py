@@ -72,8 +72,8 @@ def truncate(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _compact(data: object) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+def _compact(data: object, *, sort_keys: bool = False) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
 
 
 def _compact_arguments(arguments: str) -> str:
@@ -96,7 +96,8 @@ def _integral(data: object) -> object:
 
 
 def _value_json(value: struct_pb2.Value) -> str:
-    return _compact(_integral(json.loads(json_format.MessageToJson(value, indent=None))))
+    # a Struct's keys have no order on the wire: sort them so the same result reads the same
+    return _compact(_integral(json.loads(json_format.MessageToJson(value, indent=None))), sort_keys=True)
 
 
 def _table(rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:

@@ -26,7 +26,7 @@ from toolchain_service.backends.base import (
     ModelDelta,
     RetryPolicy,
 )
-from toolchain_service.config import BackendSettings
+from toolchain_service.config import BackendSettings, ConfigError
 from toolchain_service.errors import (
     BackendError,
     BackendMisconfigured,
@@ -76,12 +76,17 @@ class OpenAIHTTPBackend(ChatBackend):
             RetryPolicy(max_retries=settings.max_retries),
         )
         self._settings = settings
+        api_key = settings.api_key()
+        if not api_key:
+            raise ConfigError(
+                f"backends.{name}.api_key_env: the environment variable {settings.api_key_env} is not set"
+            )
         self._timeout = httpx2.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, read=settings.read_timeout
         )
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url,
-            api_key=settings.api_key(),
+            api_key=api_key,
             max_retries=0,
             timeout=self._timeout,
             http_client=openai.DefaultAsyncHttpxClient(
