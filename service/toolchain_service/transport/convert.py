@@ -88,7 +88,16 @@ def error(err: StageError) -> pb.Error:
 
 
 def stage_event(stage_id: str, sequence: int, event: StageEvent) -> pb.StageEvent:
-    out = pb.StageEvent(stage_id=stage_id, sequence=sequence)
+    out = pb.StageEvent()
+    fill_event(out, stage_id, sequence, event)
+    return out
+
+
+def fill_event(out: pb.StageEvent, stage_id: str, sequence: int, event: StageEvent) -> None:
+    """Write `event` into `out` in place (a streamed response's `event` field, so the
+    hot path builds each message once instead of building and copying it)."""
+    out.stage_id = stage_id
+    out.sequence = sequence
     if isinstance(event, ChunkEvent):
         chunk = out.chunk
         chunk.phase = event.phase.value  # type: ignore[assignment]
@@ -112,7 +121,6 @@ def stage_event(stage_id: str, sequence: int, event: StageEvent) -> pb.StageEven
         out.cancel.message = event.message
     elif isinstance(event, ErrorEvent):
         out.error.CopyFrom(error(event.error))
-    return out
 
 
 class Fold:

@@ -44,6 +44,14 @@ _CANCEL_MESSAGES = {
 }
 
 
+def _response(
+    response_type: Callable[[], StreamResponse], stage_id: str, sequence: int, event: StageEvent
+) -> StreamResponse:
+    response = response_type()
+    convert.fill_event(response.event, stage_id, sequence, event)
+    return response
+
+
 class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
     def __init__(
         self, runner: StageRunner, stages: StageManager, settings: Settings, observer: StageObserver
@@ -119,7 +127,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         stage: pb.StageRequest,
         context: Context,
         rpc: str,
-        response_type: Callable[..., StreamResponse],
+        response_type: Callable[[], StreamResponse],
         *,
         synthesis: bool,
     ) -> None:
@@ -129,7 +137,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=True)
         except StageError as exc:
             record.finish_error(exc)
-            await write(response_type(event=convert.stage_event(stage.stage_id, 0, ErrorEvent(exc))))
+            await write(_response(response_type, stage.stage_id, 0, ErrorEvent(exc)))
             await self._abort(context, exc)
         record.spec = spec
         sequence = 0
@@ -141,7 +149,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                         handle.finish()  # from here on nothing may cancel the stage
                         terminal = event
                     record.event(event)
-                    await write(response_type(event=convert.stage_event(spec.stage_id, sequence, event)))
+                    await write(_response(response_type, spec.stage_id, sequence, event))
                     sequence += 1
             if isinstance(terminal, ErrorEvent):
                 record.finish_error(terminal.error)
@@ -157,7 +165,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             cancel = CancelEvent(reason, _CANCEL_MESSAGES[reason])
             code, details = cancel_status(reason)
             try:
-                await write(response_type(event=convert.stage_event(spec.stage_id, sequence, cancel)))
+                await write(_response(response_type, spec.stage_id, sequence, cancel))
             finally:
                 self.stages.close(handle)
             await context.abort(code, details)
