@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+import pytest
 import pytest_asyncio
 from google.protobuf.message import Message
 from google.rpc import status_pb2
@@ -19,6 +20,9 @@ from toolchain_service.transport.server import RunningServer, start_server
 
 from tests.fakes.openai_backend import FakeBackend
 from tests.fakes.tools import Echo, Misbehave
+
+if TYPE_CHECKING:
+    from tests.fault_checks import Faults
 
 T = TypeVar("T", bound=Message)
 
@@ -76,6 +80,18 @@ async def h(fake: FakeBackend) -> AsyncIterator[Harness]:
     harness = await start_harness(fake)
     yield harness
     await stop_harness(harness)
+
+
+@pytest_asyncio.fixture
+async def faults(
+    fake: FakeBackend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Faults]:
+    """Harnesses for fault scenarios; checks at the end that nothing is left running and
+    that no log record leaks internals (tests/fault_checks.py)."""
+    from tests.fault_checks import open_faults  # it imports this module
+
+    async with open_faults(fake, caplog, monkeypatch) as checked:
+        yield checked
 
 
 def stage(prompt: str = "What is 2+3?", **fields: Any) -> pb.StageRequest:

@@ -1,28 +1,66 @@
 """Typed server configuration (pydantic-settings).
 
 Sources, highest priority first: keyword arguments, environment variables prefixed
-`TOOLCHAIN_` (nested keys joined with `__`, e.g. `TOOLCHAIN_BACKENDS__VLLM__BASE_URL`),
+`TOOLCHAIN_` (nested keys joined with `__`, e.g. `TOOLCHAIN_BACKENDS__VLLM__BASE_URL`;
+complex values may also be given as JSON, e.g. `TOOLCHAIN_BACKENDS='{"vllm": {...}}'`),
 then an optional TOML file named by `TOOLCHAIN_CONFIG_FILE`, then the defaults below.
 With no configuration at all the server listens on 127.0.0.1:50051 and serves the
-embedded local model. API keys are never configuration values: a backend names the
-environment variable that holds its key.
+embedded local model.
+
+Secrets are never configuration values, so no dump of the settings can show one: a
+backend names the environment variable that holds its API key, and bearer-token auth
+names the environment variables and/or the file that hold the accepted tokens; they are
+read by `AuthSettings.load_tokens()` when the server starts.
+
+`load_settings()` turns every problem (a bad value from any source, TOML syntax, JSON in
+an environment variable) into one `ConfigError` whose message names each bad key.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings.exceptions import SettingsError
 
 CONFIG_FILE_ENV = "TOOLCHAIN_CONFIG_FILE"
+ENV_PREFIX = "TOOLCHAIN_"
+
+_HOST_PORT = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
+
+
+def check_host_port(value: str) -> str:
+    """`host:port` (IPv6 hosts in brackets), port 0-65535; 0 picks a free port."""
+    match = _HOST_PORT.match(value)
+    if match is None or int(match.group(1)) > 65535:
+        raise ValueError(f"must be host:port (e.g. 127.0.0.1:50051 or [::]:50051), got {value!r}")
+    return value
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing or blocked
+        return False
 
 
 class _Strict(BaseModel):
@@ -35,7 +73,11 @@ class BackendSettings(_Strict):
     kind: Literal["openai", "local"] = Field(
         "openai", description="openai: any OpenAI-compatible HTTP server; local: llama.cpp in-process"
     )
-    base_url: str = Field("", description="chat-completions base URL, e.g. http://127.0.0.1:8000/v1")
+    base_url: str = Field(
+        "",
+        description="chat-completions base URL, e.g. http://127.0.0.1:8000/v1",
+        validate_default=True,
+    )
     api_key_env: str = Field("", description="name of the environment variable holding the API key")
     default_model: str = Field("", description="model used when a request names none")
     models: tuple[str, ...] = Field((), description="models callers may request; empty: any")
@@ -55,11 +97,15 @@ class BackendSettings(_Strict):
     n_threads: int = Field(0, ge=0, description="local: CPU threads; 0: all cores")
     chat_format: str = Field("chatml-function-calling", description="local: llama.cpp chat format")
 
-    @model_validator(mode="after")
-    def _check_kind(self) -> BackendSettings:
-        if self.kind == "openai" and not self.base_url:
-            raise ValueError("an openai backend needs base_url")
-        return self
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "openai":  # absent: kind itself was invalid
+            if not value:
+                raise ValueError("an openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
+            if not value.startswith(("http://", "https://")):
+                raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value
 
     def api_key(self) -> str:
         """The key from the environment; many local servers accept any non-empty key."""
@@ -82,11 +128,113 @@ class ToolSettings(_Strict):
     )
 
 
+def _readable_pem(path: str, marker: str, what: str) -> str:
+    if not path:
+        return path
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if marker not in text:
+        raise ValueError(f"{path!r} is not a PEM {what} (no '-----BEGIN ...{marker}-----' block)")
+    return path
+
+
+class TLSSettings(_Strict):
+    """TLS for the gRPC port; with `client_ca_file`, mutual TLS."""
+
+    cert_file: str = Field("", description="PEM certificate chain of the server; empty: plaintext")
+    key_file: str = Field("", description="PEM private key of cert_file")
+    client_ca_file: str = Field(
+        "", description="PEM CA bundle; set: clients must present a certificate it signed (mTLS)"
+    )
+
+    @field_validator("cert_file", "client_ca_file")
+    @classmethod
+    def _check_cert(cls, value: str) -> str:
+        return _readable_pem(value, "CERTIFICATE", "certificate")
+
+    @field_validator("key_file")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        return _readable_pem(value, "PRIVATE KEY", "private key")
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> TLSSettings:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("tls.cert_file and tls.key_file must be set together")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def server_credentials_material(self) -> tuple[bytes, bytes, bytes | None]:
+        """(private key, certificate chain, client CA or None), read now."""
+        ca = Path(self.client_ca_file).expanduser().read_bytes() if self.client_ca_file else None
+        return (
+            Path(self.key_file).expanduser().read_bytes(),
+            Path(self.cert_file).expanduser().read_bytes(),
+            ca,
+        )
+
+
+def _tokens_in_file(path: str) -> list[str]:
+    lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class AuthSettings(_Strict):
+    """Bearer-token auth: a call must carry `authorization: Bearer <token>` with one of the
+    accepted tokens. The tokens are never configuration values (nor in a config dump)."""
+
+    bearer_env_vars: tuple[str, ...] = Field(
+        (), description="names of environment variables, each holding one accepted token"
+    )
+    bearer_file: str = Field(
+        "", description="file with one accepted token per line ('#' comments); read at start"
+    )
+
+    @field_validator("bearer_env_vars")
+    @classmethod
+    def _check_env_vars(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not os.environ.get(name, "").strip():
+                raise ValueError(f"environment variable {name} is not set or empty")
+        return names
+
+    @field_validator("bearer_file")
+    @classmethod
+    def _check_file(cls, path: str) -> str:
+        if path:
+            try:
+                tokens = _tokens_in_file(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"cannot read {path!r}: {exc}") from None
+            if not tokens:
+                raise ValueError(f"{path!r} holds no token (one per line)")
+        return path
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bearer_env_vars or self.bearer_file)
+
+    def load_tokens(self) -> tuple[bytes, ...]:
+        """The accepted tokens, read from the environment and the file now."""
+        tokens = [os.environ[name].strip() for name in self.bearer_env_vars]
+        if self.bearer_file:
+            tokens.extend(_tokens_in_file(self.bearer_file))
+        return tuple(dict.fromkeys(t.encode() for t in tokens if t))
+
+
 class Settings(BaseSettings):
     """The whole server configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TOOLCHAIN_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
     address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on")
@@ -101,14 +249,74 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(200_000, ge=1, description="longest system or user prompt")
     max_concurrent_stages: int = Field(2000, ge=1, description="running stages; beyond: RESOURCE_EXHAUSTED")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request message")
+    default_deadline_seconds: float = Field(
+        300.0, gt=0, description="deadline of a stage whose caller set none"
+    )
+    max_deadline_seconds: float = Field(
+        3600.0, gt=0, description="longest deadline a stage gets; longer caller deadlines are cut"
+    )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds running stages get on SIGTERM")
+    health_interval: float = Field(
+        5.0, gt=0, description="seconds between re-checks of backend readiness for the health service"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection (grpcurl, buf curl)")
+    tls: TLSSettings = TLSSettings()
+    auth: AuthSettings = AuthSettings()
+    metrics_address: str = Field(
+        "", description="host:port of the Prometheus /metrics HTTP endpoint; empty: off"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text for terminals, json lines")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="root log level")
+    log_prompts: bool = Field(False, description="put prompts in the stage log line (debugging only)")
+    tracing: bool = Field(False, description="OpenTelemetry spans per stage (needs the otel extra)")
     tools: ToolSettings = ToolSettings()
 
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        return check_host_port(value)
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_metrics_address(cls, value: str) -> str:
+        return check_host_port(value) if value else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("tracing")
+    @classmethod
+    def _check_tracing(cls, value: bool) -> bool:
+        if value and not _installed("opentelemetry.trace"):
+            raise ValueError("needs OpenTelemetry: pip install 'toolchain-grpc[otel]'")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_deadline_within_max(cls, data: Any) -> Any:
+        """Setting only max_deadline_seconds below the default deadline lowers the default."""
+        if isinstance(data, dict) and "default_deadline_seconds" not in data:
+            try:
+                longest = float(data["max_deadline_seconds"])
+            except (KeyError, TypeError, ValueError):
+                return data
+            default = cls.model_fields["default_deadline_seconds"].default
+            if 0 < longest < default:
+                return {**data, "default_deadline_seconds": longest}
+        return data
+
     @model_validator(mode="after")
-    def _check_default_backend(self) -> Settings:
+    def _check_cross_fields(self) -> Settings:
         if self.default_backend not in self.backends:
             raise ValueError(
-                f"default_backend {self.default_backend!r} is not among backends {sorted(self.backends)}"
+                f"default_backend: {self.default_backend!r} is not among backends {sorted(self.backends)}"
+            )
+        if self.default_deadline_seconds > self.max_deadline_seconds:
+            raise ValueError(
+                f"default_deadline_seconds: {self.default_deadline_seconds:g} is more than "
+                f"max_deadline_seconds {self.max_deadline_seconds:g}"
             )
         return self
 
@@ -132,14 +340,36 @@ class ConfigError(Exception):
     """Configuration that cannot start a server; the message names the bad keys."""
 
 
+_VALUE_ERROR = "Value error, "
+_SOURCE_FIELD = re.compile(r'field "([^"]+)" from source "(\w+)"')
+
+
+def _problem(err: Any) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    message = str(err["msg"]).removeprefix(_VALUE_ERROR)
+    # Cross-field checks start their message with the key they are about.
+    return f"{key}: {message}" if key else message
+
+
 def load_settings(**overrides: Any) -> Settings:
+    """The effective settings, or ConfigError naming every bad key."""
     path = os.environ.get(CONFIG_FILE_ENV)
     if path and not Path(path).is_file():
         raise ConfigError(f"{CONFIG_FILE_ENV}={path}: no such file")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid configuration: {CONFIG_FILE_ENV}={path}: not valid TOML: {exc}") from None
+    except SettingsError as exc:
+        match = _SOURCE_FIELD.search(str(exc))
+        if match is None:
+            raise ConfigError(f"invalid configuration: {exc}") from None
+        field = match.group(1)
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        raise ConfigError(
+            f"invalid configuration: {field}: the environment variable {ENV_PREFIX}{field.upper()} "
+            f"is not valid JSON{cause}"
+        ) from None

@@ -17,6 +17,7 @@ transport-free.
         ├── BackendModelNotFound    NOT_FOUND               (HTTP 404)
         ├── BackendMisconfigured    FAILED_PRECONDITION     (HTTP 401/403)
         └── BackendProtocolError    INTERNAL                (not the OpenAI wire format)
+            └── BackendResponseTooLarge INTERNAL            (body over max_response_bytes)
 
 Invalid tool calls and failing tools are not errors: they are outcomes in the tool summary.
 """
@@ -65,6 +66,8 @@ class StageError(Exception):
     code: Code = Code.INTERNAL
     reason: str = "INTERNAL"
     retryable: bool = False
+    #: Backend calls retried before this error ended the phase (metrics count them).
+    retries: int = 0
 
     def __init__(
         self,
@@ -81,6 +84,14 @@ class StageError(Exception):
         if reason is not None:
             self.reason = reason
 
+    def after_retries(self, retries: int) -> None:
+        """Record that the phase gave up after `retries` retries, in the message too."""
+        self.retries = retries
+        if retries:
+            noun = "retry" if retries == 1 else "retries"
+            self.message = f"{self.message} (gave up after {retries} {noun})"
+            self.args = (self.message,)
+
 
 class InvalidRequest(StageError):
     """The caller sent invalid fields; one violation per field."""
@@ -89,7 +100,7 @@ class InvalidRequest(StageError):
     reason = "INVALID_REQUEST"
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        summary = "; ".join(f"{v.field}: {v.description}" if v.field else v.description for v in violations)
         super().__init__(f"invalid request: {summary}")
         self.violations = violations
 
@@ -162,3 +173,15 @@ class BackendProtocolError(BackendError):
 
     code = Code.INTERNAL
     reason = "BACKEND_PROTOCOL_ERROR"
+
+
+class BackendResponseTooLarge(BackendProtocolError):
+    """The backend sent more than `max_response_bytes` in one response (body or stream)."""
+
+    reason = "BACKEND_RESPONSE_TOO_LARGE"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the backend sent a response larger than {limit} bytes (the server's "
+            "max_response_bytes); no real chat completion is that large"
+        )

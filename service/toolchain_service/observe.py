@@ -2,20 +2,28 @@
 
 The doors open a `StageRecord` per call, feed it every event and close it once with the
 outcome. Metrics live in a registry owned by the observer (one per server, so tests can
-run several servers in one process); `metrics_server` exposes it on its own port. The
-log line is one JSON object per stage end (stage_id, rpc, backend, model, outcome,
-durations, usage); prompts are never logged unless `log_prompts` is set.
+run several servers in one process); `start_metrics_server` exposes it over HTTP on its
+own port. The log line is one record per stage end on logger "toolchain.stage" whose
+structured fields (stage_id, rpc, backend, model, outcome, durations, usage) the
+formatters of `logs.py` print as JSON fields or key=value pairs; prompts are never logged
+unless `log_prompts` is set. With tracing on, the record also holds the stage's span.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol, runtime_checkable
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.registry import Collector
 
-from toolchain_service.errors import StageError
+from toolchain_service import tracing
+from toolchain_service.errors import BackendError, StageError
 from toolchain_service.events import (
     CancelReason,
     ChunkEvent,
@@ -26,8 +34,13 @@ from toolchain_service.events import (
     ToolOutcome,
     ToolSummaryEvent,
 )
+from toolchain_service.logs import FIELDS
 
 stage_log = logging.getLogger("toolchain.stage")
+log = logging.getLogger(__name__)
+
+#: Returns the call's metadata: (key, value) pairs (grpc.aio's invocation_metadata).
+Metadata = Callable[[], Any]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -56,12 +69,91 @@ class Metrics:
             "toolchain_stage_errors", "Failed stages by error reason", ["reason"], registry=r
         )
         self.retries = Counter("toolchain_backend_retries", "Backend calls retried", ["phase"], registry=r)
+        self.backend_errors = Counter(
+            "toolchain_backend_errors",
+            "Stages failed by their backend, by backend and kind (the error reason)",
+            ["backend", "kind"],
+            registry=r,
+        )
+
+    def watch_queues(self, backends: Iterable[object]) -> None:
+        """Export the queue statistics of backends that keep them (the local model)."""
+        queued = [b for b in backends if isinstance(b, QueueStats)]
+        if queued:
+            self.registry.register(_QueueCollector(queued))
+
+
+@runtime_checkable
+class QueueStats(Protocol):
+    """What LocalLlamaBackend exposes about its FIFO worker queue."""
+
+    name: str
+    requests_started: int
+    max_queue_wait: float
+
+    @property
+    def mean_queue_wait(self) -> float: ...
+
+    def queue_depth(self) -> int: ...
+
+
+class _QueueCollector(Collector):
+    """Read at scrape time: the backend keeps count and mean, not each observation, so the
+    wait is a summary (rate(_sum)/rate(_count) = mean wait over a window), plus gauges."""
+
+    def __init__(self, backends: list[QueueStats]) -> None:
+        self._backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        wait = SummaryMetricFamily(
+            "toolchain_local_queue_wait_seconds",
+            "Time local-model requests waited for the worker thread",
+            labels=["backend"],
+        )
+        longest = GaugeMetricFamily(
+            "toolchain_local_queue_wait_max_seconds", "Longest local-model queue wait", labels=["backend"]
+        )
+        depth = GaugeMetricFamily(
+            "toolchain_local_queue_depth", "Local-model requests waiting now", labels=["backend"]
+        )
+        for b in self._backends:
+            count = b.requests_started
+            wait.add_metric([b.name], count_value=count, sum_value=b.mean_queue_wait * count)
+            longest.add_metric([b.name], b.max_queue_wait)
+            depth.add_metric([b.name], b.queue_depth())
+        yield from (wait, longest, depth)
+
+
+class MetricsServer:
+    """Prometheus' HTTP exposition of one registry, in its own thread."""
+
+    def __init__(self, registry: CollectorRegistry, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self._server, self._thread = start_http_server(int(port), host.strip("[]"), registry=registry)
+        self.host = host
+        self.port: int = self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        server: WSGIServer = self._server
+        thread: threading.Thread = self._thread
+        server.shutdown()
+        server.server_close()
+        thread.join(5.0)
+
+
+def start_metrics_server(registry: CollectorRegistry, address: str) -> MetricsServer:
+    """Serve `registry` at http://ADDRESS/metrics (port 0: a free port)."""
+    return MetricsServer(registry, address)
 
 
 class StageRecord:
-    __slots__ = ("_finished", "_first", "_observer", "_started", "done", "rpc", "spec")
+    __slots__ = ("_finished", "_first", "_observer", "_started", "_trace", "done", "rpc", "spec")
 
-    def __init__(self, observer: StageObserver, rpc: str) -> None:
+    def __init__(self, observer: StageObserver, rpc: str, metadata: Metadata | None = None) -> None:
         self._observer = observer
         self.rpc = rpc
         self.spec: StageSpec | None = None
@@ -70,6 +162,7 @@ class StageRecord:
         self._first = True
         self._finished = False
         observer.metrics.active.labels(rpc).inc()
+        self._trace = tracing.start_stage(rpc, metadata or tuple) if tracing.enabled() else None
 
     def event(self, event: StageEvent) -> None:
         m = self._observer.metrics
@@ -101,7 +194,12 @@ class StageRecord:
         self._finish("ok", {})
 
     def finish_error(self, error: StageError) -> None:
-        self._observer.metrics.errors.labels(error.reason).inc()
+        m = self._observer.metrics
+        m.errors.labels(error.reason).inc()
+        if isinstance(error, BackendError):
+            m.backend_errors.labels(self._backend(), error.reason).inc()
+        if error.retries:  # the phase gave up after retrying: those retries count too
+            m.retries.labels(error.phase.name.lower()).inc(error.retries)
         self._finish(
             "error",
             {
@@ -121,6 +219,9 @@ class StageRecord:
         if not self._finished:
             self._finish("aborted", {})
 
+    def _backend(self) -> str:
+        return (self.spec.backend if self.spec is not None else "") or self._observer.default_backend
+
     def _finish(self, outcome: str, extra: dict[str, object]) -> None:
         if self._finished:
             return
@@ -128,6 +229,8 @@ class StageRecord:
         m = self._observer.metrics
         m.active.labels(self.rpc).dec()
         m.stages.labels(self.rpc, outcome).inc()
+        if self._trace is not None:
+            self._end_trace(outcome, extra)
         if not stage_log.isEnabledFor(logging.INFO):
             return
         line: dict[str, object] = {
@@ -137,9 +240,7 @@ class StageRecord:
             "duration_ms": round((time.monotonic() - self._started) * 1000, 2),
         }
         if self.spec is not None:
-            line.update(
-                stage_id=self.spec.stage_id, backend=self.spec.backend or "(default)", model=self.spec.model
-            )
+            line.update(stage_id=self.spec.stage_id, backend=self._backend(), model=self.spec.model)
             if self._observer.log_prompts:
                 line.update(system_prompt=self.spec.system_prompt, user_prompt=self.spec.user_prompt)
         if self.done is not None:
@@ -158,13 +259,46 @@ class StageRecord:
                         },
                     }
         line.update(extra)
-        stage_log.info(json.dumps(line))
+        stage_log.info(
+            "stage %s %s %s in %.1f ms",
+            line.get("stage_id", "-"),
+            self.rpc,
+            outcome,
+            line["duration_ms"],
+            extra={FIELDS: line},
+        )
+
+    def _end_trace(self, outcome: str, extra: dict[str, object]) -> None:
+        assert self._trace is not None
+        attributes: dict[str, tracing.AttributeValue] = {"toolchain.outcome": outcome}
+        if self.spec is not None:
+            attributes.update(
+                {
+                    "toolchain.stage_id": self.spec.stage_id,
+                    "toolchain.backend": self._backend(),
+                    "gen_ai.request.model": self.spec.model,
+                }
+            )
+        for key in ("code", "reason", "cancel_reason"):
+            value = extra.get(key)
+            if isinstance(value, str):
+                attributes[f"toolchain.{key}"] = value
+        error = f"{extra.get('reason')}: {extra.get('message')}" if outcome == "error" else None
+        trace, self._trace = self._trace, None
+        try:
+            trace.end(attributes, error)
+        except Exception:  # tracing must never fail a stage
+            log.warning("ending the stage span failed", exc_info=True)
 
 
 class StageObserver:
-    def __init__(self, metrics: Metrics | None = None, log_prompts: bool = False) -> None:
+    def __init__(
+        self, metrics: Metrics | None = None, log_prompts: bool = False, default_backend: str = ""
+    ) -> None:
         self.metrics = metrics or Metrics()
         self.log_prompts = log_prompts
+        self.default_backend = default_backend
 
-    def start(self, rpc: str) -> StageRecord:
-        return StageRecord(self, rpc)
+    def start(self, rpc: str, metadata: Metadata | None = None) -> StageRecord:
+        """`metadata` returns the call's metadata (read only when tracing is on)."""
+        return StageRecord(self, rpc, metadata)

@@ -10,15 +10,21 @@ content. The registry validates every call and runs the valid ones. Phase 2 send
 assistant message with its tool calls and one tool message per call back to the model.
 
 Transient backend failures (BackendUnavailable) are retried with jittered exponential
-backoff while nothing of that phase has reached the caller and the deadline allows;
-both phases are idempotent (tools run between them, never inside a retried call).
+backoff (at least the backend's Retry-After; a longer Retry-After goes to the caller in
+RetryInfo) while nothing of that phase has reached the caller and the deadline allows;
+both phases are idempotent (tools run between them, never inside a retried call). The
+retries count in PhaseStats.retries, and in the error when the phase gives up.
 Unary callers get the same events and fold them; they never see chunks of a phase
 twice because retries happen only before the first chunk.
+
+An answer cut by max_tokens (finish_reason "length") in the middle of a tool call makes
+that call INVALID_ARGUMENTS with a message saying so, instead of a bare JSON error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -28,6 +34,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolchain_service import tracing
 from toolchain_service.backends.base import ChatBackend, ChatRequest, Completion
 from toolchain_service.backends.registry import BackendRegistry
 from toolchain_service.errors import BackendUnavailable, NotFoundError, StageError
@@ -39,6 +46,7 @@ from toolchain_service.events import (
     PhaseStats,
     StageEvent,
     StageSpec,
+    ToolCall,
     ToolCallDelta,
     ToolCallResult,
     ToolOutcome,
@@ -49,6 +57,11 @@ from toolchain_service.toolcalls import ToolCallAssembler, parse_content_calls
 from toolchain_service.tools.registry import ToolRegistry
 
 log = logging.getLogger(__name__)
+
+#: A backend call bound by the caller's deadline may run this much past it, so that the
+#: deadline's own cancellation (DEADLINE_EXCEEDED, Cancel event) ends the stage rather
+#: than a backend timeout racing it (UNAVAILABLE).
+_DEADLINE_GRACE = 0.25
 
 
 @dataclass(slots=True)
@@ -64,11 +77,73 @@ class _PhaseOutput:
     def text(self) -> str:
         return "".join(self.content)
 
+    def reset(self) -> None:
+        """Forget a failed attempt that sent nothing to the caller, before a retry."""
+        self.content.clear()
+        self.assembler = ToolCallAssembler()
+        self.finish_reason = ""
+        self.usage = None
+
+
+def _cut_by_max_tokens(calls: list[ToolCall], max_tokens: int) -> list[ToolCall]:
+    """Calls of an answer that stopped at max_tokens: its last call, when incomplete, was
+    cut rather than malformed; say so, with what to do about it."""
+    if not calls:
+        return calls
+    last = calls[-1]
+    if not last.problem and last.arguments.strip():
+        try:
+            json.loads(last.arguments)
+        except ValueError:
+            pass
+        else:
+            return calls
+    problem = (
+        f"the model's answer was cut by max_tokens ({max_tokens}) before this tool call was "
+        "complete; raise tool_phase.max_tokens"
+    )
+    if last.problem:
+        problem = f"{last.problem}: {problem}"
+    return [*calls[:-1], dataclasses.replace(last, problem=problem)]
+
 
 def _tool_message_content(result: ToolCallResult) -> str:
     if result.outcome == ToolOutcome.OK:
         return json.dumps(result.result, ensure_ascii=False)
     return json.dumps({"error": result.error, "outcome": result.outcome.name.lower()})
+
+
+# Span attributes: built only while tracing is on (one flag check otherwise).
+def _phase_attributes(backend: ChatBackend, model: str) -> dict[str, tracing.AttributeValue] | None:
+    if not tracing.enabled():
+        return None
+    return {"toolchain.backend": backend.name, "gen_ai.request.model": model}
+
+
+def _call_attributes(
+    backend: ChatBackend, request: ChatRequest, attempt: int, streamed: bool
+) -> dict[str, tracing.AttributeValue] | None:
+    if not tracing.enabled():
+        return None
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": request.model,
+        "gen_ai.request.max_tokens": request.max_tokens,
+        "gen_ai.request.temperature": request.temperature,
+        "toolchain.backend": backend.name,
+        "toolchain.backend.kind": backend.info.kind,
+        "toolchain.attempt": attempt,
+        "toolchain.streamed": streamed,
+    }
+
+
+def _record_phase(span: tracing.SpanLike, stats: PhaseStats, tool_calls: int) -> None:
+    span.set_attribute("gen_ai.response.finish_reasons", stats.finish_reason)
+    span.set_attribute("toolchain.retries", stats.retries)
+    span.set_attribute("toolchain.tool_calls", tool_calls)
+    if stats.usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", stats.usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", stats.usage.completion_tokens)
 
 
 class StageRunner:
@@ -111,17 +186,25 @@ class StageRunner:
             )
             out = _PhaseOutput()
             streamed = spec.stream and backend.capabilities.streams_tool_calls
-            async for event in self._call(backend, request, Phase.TOOL, out, tool_stats, deadline, streamed):
-                yield event
+            with tracing.span("tool_phase", _phase_attributes(backend, model)) as span:
+                async with aclosing(
+                    self._call(backend, request, Phase.TOOL, out, tool_stats, deadline, streamed)
+                ) as chunks:
+                    async for event in chunks:
+                        yield event
 
-            calls = out.assembler.calls()
-            text = out.text()
-            if not calls:
-                calls = parse_content_calls(text)
-                if calls:
-                    text = ""
-            results = await self.tools.run(calls, enabled) if calls else ()
-            tool_stats.duration = time.monotonic() - started
+                calls = out.assembler.calls()
+                text = out.text()
+                if not calls:
+                    calls = parse_content_calls(text)
+                    if calls:
+                        text = ""
+                if out.finish_reason == "length":
+                    calls = _cut_by_max_tokens(calls, spec.tool_phase.max_tokens)
+                results = await self.tools.run(calls, enabled) if calls else ()
+                tool_stats.duration = time.monotonic() - started
+                if span.is_recording():
+                    _record_phase(span, tool_stats, len(calls))
             yield ToolSummaryEvent(results)
 
             if not spec.synthesis or not calls:
@@ -156,11 +239,15 @@ class StageRunner:
                 temperature=spec.synthesis_phase.temperature,
             )
             out = _PhaseOutput()
-            async for event in self._call(
-                backend, request, Phase.SYNTHESIS, out, synthesis_stats, deadline, spec.stream
-            ):
-                yield event
-            synthesis_stats.duration = time.monotonic() - started
+            with tracing.span("synthesis_phase", _phase_attributes(backend, model)) as span:
+                async with aclosing(
+                    self._call(backend, request, Phase.SYNTHESIS, out, synthesis_stats, deadline, spec.stream)
+                ) as chunks:
+                    async for event in chunks:
+                        yield event
+                synthesis_stats.duration = time.monotonic() - started
+                if span.is_recording():
+                    _record_phase(span, synthesis_stats, 0)
             yield DoneEvent(tool_stats, synthesis_stats, out.text())
         except StageError as exc:
             if exc.phase == Phase.UNSPECIFIED:
@@ -186,27 +273,39 @@ class StageRunner:
         attempt = 0
         while True:
             if deadline is not None:
-                request.timeout = deadline - time.monotonic()
+                request.timeout = deadline - time.monotonic() + _DEADLINE_GRACE
             try:
-                if streamed:
-                    async with aclosing(backend.stream(request)) as deltas:
-                        async for delta in deltas:
-                            chunk = self._absorb(
-                                out, phase, delta.content, delta.tool_calls, delta.finish_reason, delta.usage
-                            )
-                            if chunk is not None:
-                                out.emitted = True
-                                yield chunk
-                else:
-                    completion = await backend.complete(request)
-                    chunk = self._absorb_completion(out, phase, completion)
-                    if chunk is not None:
-                        yield chunk
+                with tracing.span(
+                    f"chat {request.model}",
+                    _call_attributes(backend, request, attempt, streamed),
+                    client=True,
+                ):
+                    if streamed:
+                        async with aclosing(backend.stream(request)) as deltas:
+                            async for delta in deltas:
+                                chunk = self._absorb(
+                                    out,
+                                    phase,
+                                    delta.content,
+                                    delta.tool_calls,
+                                    delta.finish_reason,
+                                    delta.usage,
+                                )
+                                if chunk is not None:
+                                    out.emitted = True
+                                    yield chunk
+                    else:
+                        completion = await backend.complete(request)
+                        chunk = self._absorb_completion(out, phase, completion)
+                        if chunk is not None:
+                            yield chunk
                 break
-            except BackendUnavailable:
-                delay = self._backoff(backend, attempt, deadline)
-                if out.emitted or delay is None:
+            except BackendUnavailable as exc:
+                delay = None if out.emitted else self._backoff(backend, attempt, deadline, exc.retry_after)
+                if delay is None:
+                    exc.after_retries(attempt)
                     raise
+                out.reset()
                 attempt += 1
                 stats.retries = attempt
                 log.info(
@@ -221,11 +320,18 @@ class StageRunner:
         stats.usage = out.usage
 
     @staticmethod
-    def _backoff(backend: ChatBackend, attempt: int, deadline: float | None) -> float | None:
+    def _backoff(
+        backend: ChatBackend, attempt: int, deadline: float | None, retry_after: float | None
+    ) -> float | None:
+        """Seconds to wait before the next attempt; None: give up now."""
         policy = backend.retry
         if attempt >= policy.max_retries:
             return None
         delay = min(policy.max_backoff, policy.initial_backoff * 2.0**attempt) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            if retry_after > policy.max_backoff:
+                return None  # longer than a retry here may wait: the caller gets RetryInfo
+            delay = max(delay, retry_after)
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay

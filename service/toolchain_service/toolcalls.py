@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from toolchain_service.events import ToolCall, ToolCallDelta
+from toolchain_service.utf8 import valid
 
 _HERMES_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.DOTALL)
 _FENCE = re.compile(r"\A```[a-zA-Z0-9_-]*\s*\n?(.*?)\n?```\s*\Z", re.DOTALL)
@@ -91,10 +92,12 @@ def _call_from_object(obj: object, position: int) -> ToolCall | None:
     if not isinstance(name, str):
         return None
     arguments: Any = obj.get("arguments", obj.get("parameters", {}))
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    text = valid(arguments) if isinstance(arguments, str) else json.dumps(arguments)
     call_id = obj.get("id")
     return ToolCall(
-        id=call_id if isinstance(call_id, str) and call_id else f"call_{position}", name=name, arguments=text
+        id=valid(call_id) if isinstance(call_id, str) and call_id else f"call_{position}",
+        name=valid(name),
+        arguments=text,
     )
 
 

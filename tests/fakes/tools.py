@@ -29,7 +29,9 @@ class Echo(Tool[EchoArgs]):
 
 
 class BehaveArgs(ToolArguments):
-    mode: str = Field(description="ok, raise, fail, hang, unserialisable or huge")
+    mode: str = Field(
+        description="ok, raise, fail, hang, unserialisable, huge, int_keys, surrogate, nan or deep"
+    )
     seconds: float = Field(0.0, ge=0, le=60, description="sleep before answering")
 
 
@@ -66,6 +68,16 @@ class Misbehave(Tool[BehaveArgs]):
                 result = {"value": object()}
             elif args.mode == "huge":
                 result = {"blob": "x" * (1 << 20)}
+            elif args.mode == "int_keys":  # JSON-serialisable, but not as it is
+                result = {1: "one", "pair": (2, 3)}
+            elif args.mode == "surrogate":  # a lone surrogate: not UTF-8-encodable
+                result = {"text": "half an emoji \ud83d"}
+            elif args.mode == "nan":
+                result = {"value": float("nan")}
+            elif args.mode == "deep":  # deeper than anything can serialise
+                result = []
+                for _ in range(100_000):
+                    result = [result]
             else:
                 result = {"mode": args.mode}
             self.finished += 1

@@ -109,6 +109,7 @@ def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from toolchain_service.config import CONFIG_FILE_ENV, ConfigError, load_settings  # noqa: PLC0415
+        from toolchain_service.logs import configure_logging as configure_service_logging  # noqa: PLC0415
         from toolchain_service.transport.server import serve  # noqa: PLC0415
     except ImportError as exc:
         print(f"toolchain serve needs the server package (toolchain_service): {exc}", file=sys.stderr)
@@ -118,6 +119,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.address:
         overrides["address"] = args.address
+    if args.log_format:
+        overrides["log_format"] = args.log_format
+    if args.log_level:
+        overrides["log_level"] = args.log_level
     try:
         settings = load_settings(**overrides)
     except ConfigError as exc:
@@ -126,7 +131,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(redact(settings.model_dump(mode="json")), indent=2))
         return EXIT_OK
-    configure_logging(args.log_format, args.log_level)
+    # The stage-end record's fields become JSON fields (or key=value pairs) only with the
+    # service's formatters; prompts stay out of every log unless log_prompts is set.
+    configure_service_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
     try:
         try:
             import uvloop  # noqa: PLC0415
@@ -402,8 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", metavar="FILE", help="TOML configuration file (sets TOOLCHAIN_CONFIG_FILE)"
     )
     serve.add_argument("--print-config", action="store_true", help="print the effective settings as JSON")
-    serve.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr")
-    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines on stderr (overrides log_format; default text)",
+    )
+    serve.add_argument("--log-level", help="logging level (overrides log_level; default INFO)")
     serve.set_defaults(handler=_cmd_serve)
 
     run = commands.add_parser("run", help="run one stage and print its events")

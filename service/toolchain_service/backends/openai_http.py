@@ -3,13 +3,22 @@
 One `AsyncOpenAI` client per configured backend, made at start-up and shared by every
 stage for the process's life (the legacy handler built one per request: ~25 ms of CPU
 each). The client's own retries are off: the runner retries, only where it is safe.
-Responses are read through the client's raw-response API and parsed by `wire.py`.
-This module is the one place where openai and HTTP exceptions become `BackendError`s.
+Responses, JSON and SSE alike, are read as bytes through the client's streaming-response
+API and parsed by `wire.py`, so no response is buffered beyond `max_response_bytes`.
+A call takes at most `request_timeout` in all (httpx alone bounds each read, not the
+sum), the caller's deadline permitting. This module is the one place where openai and
+HTTP exceptions become `BackendError`s; their messages name the problem (refused, DNS,
+TLS, timeout, cut), never a library class, and never contain the API key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
+import socket
+import ssl
+import time
 from collections.abc import AsyncGenerator
 from typing import Any, NoReturn
 
@@ -33,29 +42,64 @@ from toolchain_service.errors import (
     BackendModelNotFound,
     BackendProtocolError,
     BackendRejected,
+    BackendResponseTooLarge,
     BackendUnavailable,
 )
+from toolchain_service.utf8 import valid
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
-    value = response.headers.get("retry-after")
+    """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    value = response.headers.get("retry-after", "").strip()
     if not value:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _backend_message(body: object) -> str:
     if isinstance(body, dict):
         inner = body.get("error", body)
         body = inner.get("message", "") if isinstance(inner, dict) else inner
-    return str(body or "")[:300]
+    return valid(str(body or "")[:300])
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first (openai wraps httpx wraps httpcore wraps
+    OSError), without cycles."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 16 and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def _connection_problem(exc: BaseException) -> str:
-    text = " ".join(str(e) for e in (exc, exc.__cause__, exc.__context__) if e).lower()
+    chain = _causes(exc)
+    for cause in chain:
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "host name not found"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return "TLS certificate not trusted"
+        if isinstance(cause, ssl.SSLError):
+            return "TLS handshake failed"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, httpx2.RemoteProtocolError):
+            return "the connection was closed without a response"
+    text = " ".join(str(e) for e in chain).lower()
     if "refused" in text:
         return "connection refused"
     if "name or service" in text or "nodename" in text or "name resolution" in text or "getaddrinfo" in text:
@@ -98,6 +142,8 @@ class OpenAIHTTPBackend(ChatBackend):
             ),
         )
         self._max_bytes = settings.max_response_bytes
+        # Never echoed: a backend that repeats the key in an error message is redacted.
+        self._secret = api_key if len(api_key) >= 8 else ""
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -132,56 +178,83 @@ class OpenAIHTTPBackend(ChatBackend):
             )
         return kwargs
 
+    def _total_timeout(self, request: ChatRequest) -> float:
+        total = self._settings.request_timeout
+        return total if request.timeout is None else max(0.0, min(total, request.timeout))
+
     async def complete(self, request: ChatRequest) -> Completion:
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(**self._kwargs(request, False))
-            declared = raw.http_response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > self._max_bytes:
-                raise BackendProtocolError(f"backend response is larger than {self._max_bytes} bytes")
-            body = bytearray()
-            async for piece in raw.http_response.aiter_bytes():
-                body += piece
-                if len(body) > self._max_bytes:
-                    raise BackendProtocolError(f"backend response is larger than {self._max_bytes} bytes")
+            async with asyncio.timeout(self._total_timeout(request)):
+                async with self._client.chat.completions.with_streaming_response.create(
+                    **self._kwargs(request, False)
+                ) as response:
+                    http = response.http_response
+                    declared = http.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > self._max_bytes:
+                        raise BackendResponseTooLarge(self._max_bytes)
+                    body = bytearray()
+                    async for piece in http.aiter_bytes():
+                        body += piece
+                        if len(body) > self._max_bytes:
+                            raise BackendResponseTooLarge(self._max_bytes)
             return wire.parse_completion(wire.loads(bytes(body)))
-        except BackendError:
-            raise
+        except BackendError as exc:
+            raise self._redacted(exc) from None
         except Exception as exc:
             self._raise(exc, request)
 
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelDelta, None]:
+        # No asyncio.timeout here: a generator suspends at each yield, and the time the
+        # consumer spends between chunks (a slow reader) is not the backend's. Only the time
+        # spent waiting for the backend counts, checked at each event.
+        total = self._total_timeout(request)
+        waited = 0.0
+        resumed = time.monotonic()
         try:
             async with self._client.chat.completions.with_streaming_response.create(
                 **self._kwargs(request, True)
             ) as response:
                 finished = False
-                async for data in wire.sse_data(response.iter_lines(), self._max_bytes):
+                async for data in wire.sse_data(response.http_response.aiter_bytes(), self._max_bytes):
                     if data is wire.DONE:
                         return
+                    waited += time.monotonic() - resumed
+                    if waited > total:
+                        raise BackendUnavailable(f"backend {self.name!r} did not finish within {total:g} s")
                     delta = wire.parse_chunk(wire.loads(data))
                     finished = finished or bool(delta.finish_reason)
                     yield delta
+                    resumed = time.monotonic()
                 if not finished:
                     raise BackendUnavailable(
                         f"backend {self.name!r} closed the stream before it finished"
                         " (no finish reason, no [DONE])"
                     )
-        except BackendError:
-            raise
+        except BackendError as exc:
+            raise self._redacted(exc) from None
         except Exception as exc:
             self._raise(exc, request)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "[redacted]") if self._secret else text
+
+    def _redacted(self, exc: BackendError) -> BackendError:
+        if self._secret and self._secret in exc.message:
+            exc.message = self._redact(exc.message)
+            exc.args = (exc.message,)
+        return exc
 
     def _raise(self, exc: Exception, request: ChatRequest) -> NoReturn:
         """Translate one openai/HTTP exception into the BackendError a caller can act on."""
         name = self.name
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException):
+        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException | TimeoutError):
             raise BackendUnavailable(f"backend {name!r} did not answer in time") from None
         if isinstance(exc, openai.APIConnectionError | httpx2.ConnectError):
             raise BackendUnavailable(f"cannot reach backend {name!r}: {_connection_problem(exc)}") from None
         if isinstance(exc, httpx2.TransportError):  # read error, cut mid-body, protocol violation
             raise BackendUnavailable(f"backend {name!r} cut the response short") from None
         if isinstance(exc, openai.APIStatusError):
-            status, message = exc.status_code, _backend_message(exc.body)
+            status, message = exc.status_code, self._redact(_backend_message(exc.body))
             if status == 429:
                 raise BackendUnavailable(
                     f"backend {name!r} is rate limiting (HTTP 429): {message}",
@@ -205,7 +278,8 @@ class OpenAIHTTPBackend(ChatBackend):
                 f"backend {name!r} failed (HTTP {status}): {message}", retry_after=_retry_after(exc.response)
             ) from None
         if isinstance(exc, openai.APIError):
-            raise BackendUnavailable(f"backend {name!r} reported an error: {exc.message[:300]}") from None
+            message = self._redact(valid(exc.message[:300]))
+            raise BackendUnavailable(f"backend {name!r} reported an error: {message}") from None
         if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
             raise BackendProtocolError(f"backend {name!r} sent a body that is not valid JSON") from None
         raise exc

@@ -1,32 +1,44 @@
 """Parsing of the OpenAI chat-completions wire format (JSON bodies and SSE events).
 
-The HTTP backend reads raw bytes through the openai client's raw-response API and parses
+The HTTP backend reads raw bytes through the openai client's streaming-response API and parses
 them here with `json.loads` and plain dict access: the same fields `ChatCompletionChunk`
 and `ChatCompletion` would give, without building a pydantic model per streamed chunk
 (tests/test_wire.py proves the equivalence on the same payloads). Anything that is not
 the wire format raises `BackendProtocolError`; an `error` object raises the error the
 backend describes.
+
+Bodies are UTF-8 JSON (RFC 8259): bytes that are not UTF-8 are a protocol error, never
+silently replaced, so a tool never runs on arguments the model did not write. Lone
+surrogates written as JSON escapes are valid JSON and become U+FFFD (`utf8.valid`).
+SSE is split into lines here, from bytes, with the whole body bounded: a backend cannot
+make the server buffer more than `max_response_bytes` of one response.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 from toolchain_service.backends.base import Completion, ModelDelta
-from toolchain_service.errors import BackendError, BackendProtocolError, BackendUnavailable
+from toolchain_service.errors import (
+    BackendError,
+    BackendProtocolError,
+    BackendResponseTooLarge,
+    BackendUnavailable,
+)
 from toolchain_service.events import ToolCall, ToolCallDelta, Usage
+from toolchain_service.utf8 import valid
 
 #: The end-of-stream sentinel of OpenAI SSE.
-DONE = "[DONE]"
+DONE: Final = b"[DONE]"
 
 
 def _str(value: object, what: str) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
-        return value
+        return valid(value)
     raise BackendProtocolError(f"backend sent a non-string {what}")
 
 
@@ -46,17 +58,19 @@ def error_from_body(error: object) -> BackendError:
     """An `{"error": ...}` object inside a 200 response or an SSE stream."""
     message = ""
     if isinstance(error, dict):
-        message = str(error.get("message") or "")[:300]
+        message = valid(str(error.get("message") or "")[:300])
     elif isinstance(error, str):
-        message = error[:300]
+        message = valid(error[:300])
     return BackendUnavailable(f"backend reported an error mid-response: {message or 'no message'}")
 
 
 def loads(data: str | bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BackendProtocolError("backend sent a body that is not valid JSON") from exc
+    except UnicodeDecodeError:  # a ValueError too: test it first
+        raise BackendProtocolError("backend sent bytes that are not valid UTF-8") from None
+    except ValueError:
+        raise BackendProtocolError("backend sent a body that is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BackendProtocolError("backend sent JSON that is not an object")
     if obj.get("error") is not None:
@@ -139,35 +153,69 @@ def parse_completion(obj: dict[str, Any]) -> Completion:
     )
 
 
-async def sse_data(lines: AsyncIterator[str], max_event_bytes: int) -> AsyncIterator[str]:
-    """The `data` payloads of an SSE stream; `[DONE]`, when it comes, is the last item.
+async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """The `data` payloads of an SSE body read as byte chunks; `DONE`, when it comes, is
+    the last item.
 
-    A stream that ends without `[DONE]` simply ends (the caller decides whether that was
-    a cut); an event larger than `max_event_bytes` raises BackendProtocolError."""
-    buffer: list[str] = []
-    size = 0
-    async for line in lines:
-        if not line:
-            if buffer:
-                data = "\n".join(buffer)
-                buffer.clear()
-                size = 0
-                if data.strip() == DONE:
+    Lines end with LF, CRLF or CR. A body that ends without `[DONE]` simply ends (the
+    caller decides whether that was a cut); a body larger than `max_bytes` raises
+    `BackendResponseTooLarge` before more than `max_bytes` are buffered."""
+    buffer = bytearray()
+    data: list[bytes] = []
+    total = 0
+    scanned = 0  # bytes of `buffer` known to hold no line end
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise BackendResponseTooLarge(max_bytes)
+        buffer += chunk
+        start = 0
+        while True:
+            end, after = _line_end(buffer, max(start, scanned))
+            if end < 0:
+                break
+            line = bytes(buffer[start:end])
+            start = after
+            if line:
+                _field(line, data)
+            elif data:
+                payload = b"\n".join(data)
+                data.clear()
+                if payload.strip() == DONE:
                     yield DONE
                     return
-                yield data
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        if field != "data":
-            continue
-        value = value.removeprefix(" ")
-        size += len(value)
-        if size > max_event_bytes:
-            raise BackendProtocolError(f"backend sent an SSE event larger than {max_event_bytes} bytes")
-        buffer.append(value)
+                yield payload
+        del buffer[:start]
+        scanned = max(0, len(buffer) - 1)  # a CR at the end is looked at again
+    if buffer.endswith(b"\r"):
+        del buffer[-1]
     if buffer:
+        _field(bytes(buffer), data)
+    if data:
         # The last event had no blank line after it: complete JSON is still usable.
-        data = "\n".join(buffer)
-        yield DONE if data.strip() == DONE else data
+        payload = b"\n".join(data)
+        yield DONE if payload.strip() == DONE else payload
+
+
+def _line_end(buffer: bytearray, start: int) -> tuple[int, int]:
+    """(end of the first line at or after `start`, start of the next), or (-1, -1). A CR
+    at the very end waits for the next chunk: it may be the first half of a CRLF."""
+    lf = buffer.find(b"\n", start)
+    cr = buffer.find(b"\r", start, lf if lf >= 0 else len(buffer))
+    if cr >= 0:
+        if cr + 1 == len(buffer):
+            return -1, -1
+        return cr, cr + 2 if buffer[cr + 1] == 0x0A else cr + 1
+    if lf >= 0:
+        return lf, lf + 1
+    return -1, -1
+
+
+def _field(line: bytes, data: list[bytes]) -> None:
+    """Record one non-empty SSE line; only `data` fields matter (comments and `event`,
+    `id`, `retry` fields are ignored)."""
+    name, colon, value = line.partition(b":")
+    if name == b"data" and colon:
+        data.append(value[1:] if value.startswith(b" ") else value)
+    elif name == b"data":
+        data.append(b"")

@@ -4,6 +4,11 @@ Every call is validated before anything runs: an unknown or disabled tool, argum
 that are not a JSON object, or arguments that violate the tool's schema end as an
 outcome in the summary and are never executed. Valid calls run concurrently, each under
 its timeout; a failing, hanging or misbehaving tool does not stop the others.
+
+A result must be JSON: it is normalised through JSON (tuples become lists, keys strings)
+and must encode as UTF-8 within `max_result_bytes`, so whatever a tool returns, the
+response that carries it can be built. A tool's unexpected exception is logged as one
+line (its traceback only at DEBUG) and reported with its message, never its traceback.
 """
 
 from __future__ import annotations
@@ -18,13 +23,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from toolchain_service import tracing
 from toolchain_service.config import ToolSettings
 from toolchain_service.events import ToolCall, ToolCallResult, ToolOutcome
 from toolchain_service.tools.base import Tool, ToolArguments, ToolFailure
+from toolchain_service.utf8 import valid
 
 log = logging.getLogger(__name__)
 
 _Validated = tuple[Tool[Any], ToolArguments]
+
+
+def _json_int(text: str) -> int:
+    value = int(text)
+    float(value)  # OverflowError beyond a double: a protobuf Value cannot hold it
+    return value
 
 
 def _describe_validation(exc: ValidationError) -> str:
@@ -142,6 +155,16 @@ class ToolRegistry:
         return tuple(r for r in results if r is not None)
 
     async def _execute(self, call: ToolCall, tool: Tool[Any], args: ToolArguments) -> ToolCallResult:
+        if not tracing.enabled():
+            return await self._execute_untraced(call, tool, args)
+        attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool.name}
+        with tracing.span(f"execute_tool {tool.name}", attributes) as span:
+            result = await self._execute_untraced(call, tool, args)
+            span.set_attribute("gen_ai.tool.call.id", call.id)
+            span.set_attribute("toolchain.tool.outcome", result.outcome.name.lower())
+            return result
+
+    async def _execute_untraced(self, call: ToolCall, tool: Tool[Any], args: ToolArguments) -> ToolCallResult:
         timeout = self.timeout_of(tool)
         started = time.perf_counter()
         try:
@@ -156,11 +179,15 @@ class ToolRegistry:
             )
         except ToolFailure as exc:
             return ToolCallResult(
-                call, ToolOutcome.FAILED, error=str(exc)[:1000], duration=time.perf_counter() - started
+                call,
+                ToolOutcome.FAILED,
+                error=valid(str(exc)[:1000]),
+                duration=time.perf_counter() - started,
             )
         except Exception as exc:  # a tool's bug must not end the stage or leak a traceback
-            log.warning("tool %s raised unexpectedly", tool.name, exc_info=True)
-            message = str(exc)[:300] or "no message"
+            message = valid(str(exc)[:300]) or "no message"
+            log.warning("tool %s failed unexpectedly: %s", tool.name, message)
+            log.debug("tool %s failure", tool.name, exc_info=True)
             return ToolCallResult(
                 call,
                 ToolOutcome.FAILED,
@@ -169,8 +196,10 @@ class ToolRegistry:
             )
         elapsed = time.perf_counter() - started
         try:
-            size = len(json.dumps(value, allow_nan=False))
-        except (TypeError, ValueError):
+            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+            size = len(text.encode("utf-8"))  # UnicodeEncodeError: a lone surrogate
+            value = json.loads(text, parse_int=_json_int)
+        except (TypeError, ValueError, OverflowError, RecursionError):
             return ToolCallResult(
                 call,
                 ToolOutcome.FAILED,

@@ -3,6 +3,13 @@
     settings ─▶ BackendRegistry + ToolRegistry ─▶ StageRunner ─▶ ToolchainServicer
                                                               └▶ health, reflection
 
+Around the services: bearer-token auth (an interceptor, `auth.py`), TLS or mutual TLS on
+the port, Prometheus metrics on their own HTTP port, OpenTelemetry spans.
+
+Health ("" and toolchain.v1.ToolchainService): SERVING while at least one backend is
+ready (re-checked every `health_interval` seconds), NOT_SERVING otherwise and from the
+start of a drain on.
+
 Drain: health turns NOT_SERVING, new stages get UNAVAILABLE, running stages get
 `shutdown_grace` seconds to finish, then end with a Cancel event (reason SHUTDOWN).
 """
@@ -10,9 +17,11 @@ Drain: health turns NOT_SERVING, new stages get UNAVAILABLE, running stages get
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,15 +31,19 @@ from grpc_reflection.v1alpha import reflection
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
+from toolchain_service import tracing
 from toolchain_service.backends.registry import BackendRegistry
-from toolchain_service.config import Settings
+from toolchain_service.config import ConfigError, Settings
 from toolchain_service.events import CancelReason
-from toolchain_service.observe import StageObserver
+from toolchain_service.logs import configure_logging
+from toolchain_service.observe import MetricsServer, StageObserver, start_metrics_server
 from toolchain_service.runner import StageRunner
 from toolchain_service.stages import StageManager
 from toolchain_service.tools.base import Tool
 from toolchain_service.tools.builtin import builtin_tools
 from toolchain_service.tools.registry import ToolRegistry
+from toolchain_service.transport.auth import BearerAuthInterceptor
+from toolchain_service.transport.decoding import DecodeGuard
 from toolchain_service.transport.servicer import ToolchainServicer
 
 log = logging.getLogger(__name__)
@@ -53,6 +66,9 @@ class RunningServer:
     tools: ToolRegistry
     health: HealthServicer
     observer: StageObserver
+    metrics: MetricsServer | None = None
+    tracing: bool = False
+    _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -63,12 +79,32 @@ class RunningServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
+    async def refresh_health(self) -> None:
+        """SERVING when a backend is ready, else NOT_SERVING (ignored once draining)."""
+        await self.set_health(SERVING if self.backends.any_ready() else NOT_SERVING)
+
+    async def _watch_backends(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            await self.refresh_health()
+
+    def watch_backends(self) -> None:
+        self._health_task = asyncio.create_task(self._watch_backends(), name="toolchain-health")
+
+    async def _stop_watching(self) -> None:
+        task, self._health_task = self._health_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking stages, let running ones finish within the grace period, cancel
         the rest with reason SHUTDOWN, then stop the server."""
         grace = self.settings.shutdown_grace if grace is None else grace
         self.stages.draining = True
-        await self.set_health(NOT_SERVING)
+        await self._stop_watching()
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING for good
         await self.stages.wait_idle(grace)
         cancelled = self.stages.cancel_all(CancelReason.SHUTDOWN)
         if cancelled:
@@ -77,9 +113,36 @@ class RunningServer:
         await self.stop(0.5)
 
     async def stop(self, grace: float | None = 0) -> None:
+        await self._stop_watching()
         await self.server.stop(grace)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
+        if self.tracing:
+            tracing.disable()
+            self.tracing = False
         await self.backends.aclose()
         await self.tools.aclose()
+
+
+def _listen(server: grpc.aio.Server, settings: Settings) -> int:
+    try:
+        if not settings.tls.enabled:
+            return server.add_insecure_port(settings.address)
+        key, chain, client_ca = settings.tls.server_credentials_material()
+        credentials = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+        return server.add_secure_port(settings.address, credentials)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"address: cannot listen on {settings.address}: {exc}") from None
+
+
+def _start_metrics(observer: StageObserver, address: str) -> MetricsServer:
+    try:
+        return start_metrics_server(observer.metrics.registry, address)
+    except OSError as exc:
+        raise ConfigError(f"metrics_address: cannot listen on {address}: {exc}") from None
 
 
 async def start_server(
@@ -88,15 +151,31 @@ async def start_server(
     tools: list[Tool[Any]] | None = None,
     backends: BackendRegistry | None = None,
     observer: StageObserver | None = None,
+    tracer_provider: Any = None,
 ) -> RunningServer:
-    """Build and start a server on `settings.address` (port 0: a free port)."""
+    """Build and start a server on `settings.address` (port 0: a free port).
+
+    `tracer_provider`: where the spans go when `settings.tracing` is on (default: the
+    global OpenTelemetry provider)."""
     backend_registry = backends or BackendRegistry.from_settings(settings.backends, settings.default_backend)
     tool_registry = ToolRegistry(builtin_tools(settings.tools) if tools is None else tools, settings.tools)
-    observer = observer or StageObserver()
+    observer = observer or StageObserver(
+        log_prompts=settings.log_prompts, default_backend=settings.default_backend
+    )
+    observer.metrics.watch_queues(backend_registry.all())
     stages = StageManager(settings.max_concurrent_stages)
     servicer = ToolchainServicer(StageRunner(backend_registry, tool_registry), stages, settings, observer)
 
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]  # grpc-stubs' generic
+    if settings.auth.enabled:
+        interceptors.append(BearerAuthInterceptor(settings.auth.load_tokens()))
+        if not settings.tls.enabled:
+            log.warning("bearer tokens travel in plaintext: configure tls.cert_file and tls.key_file")
+    if settings.log_prompts:
+        log.warning("log_prompts is on: prompts go into the logs (a debugging aid, not for production)")
+    interceptors.append(DecodeGuard())  # last: undecodable requests -> INVALID_ARGUMENT, after auth
     server = grpc.aio.server(
+        interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),
@@ -105,29 +184,72 @@ async def start_server(
     pb_grpc.add_ToolchainServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = server.add_insecure_port(settings.address)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+    port = _listen(server, settings)
     await backend_registry.start()
-    await server.start()
     running = RunningServer(
         server, port, settings, servicer, stages, backend_registry, tool_registry, health, observer
     )
-    await running.set_health(SERVING if backend_registry.any_ready() else NOT_SERVING)
-    log.info("toolchain server listening on %s", running.address)
+    try:
+        if settings.metrics_address:
+            running.metrics = await asyncio.to_thread(_start_metrics, observer, settings.metrics_address)
+        if settings.tracing:
+            tracing.enable(tracer_provider)
+            running.tracing = True
+        await server.start()
+        await running.refresh_health()
+        running.watch_backends()
+    except BaseException:
+        await running.stop(0)
+        raise
+    log.info(
+        "toolchain server listening on %s (%s%s)",
+        running.address,
+        "mTLS" if settings.tls.client_ca_file else "TLS" if settings.tls.enabled else "plaintext",
+        ", bearer auth" if settings.auth.enabled else "",
+    )
+    if running.metrics is not None:
+        log.info("metrics on %s", running.metrics.url)
     return running
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
+    """Run until SIGTERM or SIGINT, then drain. Prints `toolchain server listening on
+    HOST:PORT` (and `toolchain metrics on URL`) on stdout once serving.
+
+    Logging is configured from the settings unless the caller configured it already
+    (the root logger has handlers)."""
+    if not logging.getLogger().handlers:
+        configure_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    shutdown_tracing: Callable[[], None] | None = None
+    if settings.tracing:
+        shutdown_tracing = tracing.install_sdk_from_env()
     running = await start_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"toolchain server listening on {running.address}", flush=True)
-    await stop.wait()
-    log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace)
-    await running.drain()
+    if running.metrics is not None:
+        print(f"toolchain metrics on {running.metrics.url}", flush=True)
+    try:
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace)
+        await running.drain()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if shutdown_tracing is not None:
+            await asyncio.to_thread(shutdown_tracing)
+    leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+    if leftover:
+        log.warning("%d tasks still running at exit: %s", len(leftover), [t.get_name() for t in leftover])
+    log.info("server stopped")

@@ -29,6 +29,7 @@ from toolchain_service.observe import StageObserver
 from toolchain_service.runner import StageRunner
 from toolchain_service.stages import StageHandle, StageManager
 from toolchain_service.transport import convert
+from toolchain_service.transport.decoding import Undecodable, accepts_undecodable
 from toolchain_service.transport.requests import parse_stage
 from toolchain_service.transport.status import cancel_status, grpc_status
 
@@ -75,13 +76,20 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
 
     # The streaming doors write with context.write instead of being async generators, so
     # that a cancellation always lands in code that can answer it with a Cancel event.
-    async def StreamTools(self, request: pb.StreamToolsRequest, context: Context) -> None:  # type: ignore[override]
-        await self._stream(request.stage, context, "StreamTools", pb.StreamToolsResponse, synthesis=False)
+    # A request that does not decode (decoding.py) still gets its terminal Error event.
+    @accepts_undecodable
+    async def StreamTools(  # type: ignore[override]
+        self, request: pb.StreamToolsRequest | Undecodable, context: Context
+    ) -> None:
+        stage = request if isinstance(request, Undecodable) else request.stage
+        await self._stream(stage, context, "StreamTools", pb.StreamToolsResponse, synthesis=False)
 
-    async def StreamSynthesis(self, request: pb.StreamSynthesisRequest, context: Context) -> None:  # type: ignore[override]
-        await self._stream(
-            request.stage, context, "StreamSynthesis", pb.StreamSynthesisResponse, synthesis=True
-        )
+    @accepts_undecodable
+    async def StreamSynthesis(  # type: ignore[override]
+        self, request: pb.StreamSynthesisRequest | Undecodable, context: Context
+    ) -> None:
+        stage = request if isinstance(request, Undecodable) else request.stage
+        await self._stream(stage, context, "StreamSynthesis", pb.StreamSynthesisResponse, synthesis=True)
 
     # -- the other RPCs ------------------------------------------------------------
 
@@ -112,9 +120,14 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
     ) -> tuple[StageSpec, StageHandle, AsyncGenerator[StageEvent, None]]:
         spec = parse_stage(stage, self.settings, synthesis=synthesis, stream=stream)
         handle = self.stages.open(spec.stage_id)
+        # The caller's deadline, at most max_deadline_seconds; default_deadline_seconds when none.
         remaining = context.time_remaining()
+        if remaining is None:
+            remaining = self.settings.default_deadline_seconds
+        else:
+            remaining = min(remaining, self.settings.max_deadline_seconds)
         handle.cancel_at_deadline(remaining)
-        deadline = None if remaining is None else time.monotonic() + remaining
+        deadline = time.monotonic() + remaining
         return spec, handle, self.runner.run(spec, deadline)
 
     async def _abort(self, context: Context, exc: StageError) -> NoReturn:
@@ -124,7 +137,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
 
     async def _stream(
         self,
-        stage: pb.StageRequest,
+        stage: pb.StageRequest | Undecodable,
         context: Context,
         rpc: str,
         response_type: Callable[[], StreamResponse],
@@ -132,16 +145,23 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         synthesis: bool,
     ) -> None:
         write: Callable[[StreamResponse], Awaitable[None]] = context.write
-        record = self.observer.start(rpc)
+        record = self.observer.start(rpc, context.invocation_metadata)
         try:
+            if isinstance(stage, Undecodable):
+                raise stage.error
             spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=True)
         except StageError as exc:
             record.finish_error(exc)
-            await write(_response(response_type, stage.stage_id, 0, ErrorEvent(exc)))
+            stage_id = "" if isinstance(stage, Undecodable) else stage.stage_id
+            await write(_response(response_type, stage_id, 0, ErrorEvent(exc)))
             await self._abort(context, exc)
         record.spec = spec
         sequence = 0
         terminal: StageEvent | None = None
+        # A cancellation that lands in a write leaves that write pending in grpc (a reader
+        # that does not read holds it back): no Cancel event can follow it, only the status,
+        # which goes out behind it; past the deadline grpc has ended the call itself.
+        writing = False
         try:
             async with aclosing(events):
                 async for event in events:
@@ -149,7 +169,9 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                         handle.finish()  # from here on nothing may cancel the stage
                         terminal = event
                     record.event(event)
+                    writing = True
                     await write(_response(response_type, spec.stage_id, sequence, event))
+                    writing = False
                     sequence += 1
             if isinstance(terminal, ErrorEvent):
                 record.finish_error(terminal.error)
@@ -162,10 +184,13 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 record.finish_cancel(CancelReason.DEADLINE if expired else reason)
                 raise
             record.finish_cancel(reason)
+            if writing and reason == CancelReason.DEADLINE:
+                raise
             cancel = CancelEvent(reason, _CANCEL_MESSAGES[reason])
             code, details = cancel_status(reason)
             try:
-                await write(_response(response_type, spec.stage_id, sequence, cancel))
+                if not writing:
+                    await write(_response(response_type, spec.stage_id, sequence, cancel))
             finally:
                 self.stages.close(handle)
             await context.abort(code, details)
@@ -178,7 +203,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
     async def _unary(
         self, stage: pb.StageRequest, context: Context, rpc: str, *, synthesis: bool
     ) -> convert.Fold:
-        record = self.observer.start(rpc)
+        record = self.observer.start(rpc, context.invocation_metadata)
         try:
             spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=False)
         except StageError as exc:

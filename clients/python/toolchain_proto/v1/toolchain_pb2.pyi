@@ -16,22 +16,32 @@ violation per invalid request field) and `google.rpc.RetryInfo` when a retry
 can help. Streaming RPCs end with an `Error` event carrying the same code and
 message, then the same status. The status codes used:
 
-  INVALID_ARGUMENT    a request field is invalid (see BadRequest), or the
-                      backend rejected the request as malformed (HTTP 400/422)
+  INVALID_ARGUMENT    a request field is invalid (see BadRequest; a string
+                      that is not UTF-8 too), or the backend rejected the
+                      request as malformed (HTTP 400/422)
   NOT_FOUND           unknown backend, model or tool name (the message lists
                       the names that exist), unknown stage_id in CancelStage
   ALREADY_EXISTS      a stage with this stage_id is already running
-  RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later)
+  RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
+                      or the request is larger than the server accepts (gRPC
+                      refuses it itself, without details)
   FAILED_PRECONDITION the backend refused the server's credentials (HTTP
                       401/403): a server configuration problem, not the caller's
   UNAVAILABLE         the backend is unreachable, overloaded (HTTP 429/5xx),
                       timed out or cut the connection, or the server is
-                      draining; retrying can help (RetryInfo says when)
+                      draining; retrying can help (RetryInfo says when). The
+                      server has already retried, with backoff, where no output
+                      of the phase had reached the caller and the deadline
+                      allowed (PhaseStats.retries counts those retries)
   DEADLINE_EXCEEDED   the caller's deadline passed (streams: Cancel event with
                       reason DEADLINE when the server could still send it)
-  CANCELLED           the stage was cancelled (client, CancelStage, shutdown)
+  CANCELLED           the stage was cancelled (client, CancelStage, shutdown);
+                      a stream whose reader stopped reading gets the status
+                      without the Cancel event, which cannot pass its backlog
   INTERNAL            the backend answered something that is not the OpenAI
-                      wire format, or a bug in this server
+                      wire format (not JSON, not UTF-8, or larger than the
+                      server accepts: BACKEND_RESPONSE_TOO_LARGE), or a bug in
+                      this server
 """
 
 from collections import abc as _abc

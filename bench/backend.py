@@ -1,0 +1,306 @@
+"""A minimal, fast fake OpenAI chat-completions server for the benchmark (its own process).
+
+    python -m bench.backend --port 0 --chunks 20 --chunk-delay 0.002   # prints "READY <port>"
+
+Raw asyncio HTTP/1.1 with keep-alive on uvloop: every response is precomputed bytes, and a
+request is routed by a dict lookup on its raw body (the JSON is parsed only the first time a
+body is seen), so the backend's CPU per request stays small and nearly constant; the same
+backend serves the service rows and the floor rows, so its cost is the same on both sides.
+
+The answers are the ``stage`` scenario of ``tests.fakes.openai_backend`` (``bench.scenario``):
+a request with ``tools`` whose last message is not a tool result gets one ``calculator``
+call, any other request the synthesis text; ``"stream": true`` gets SSE (one HTTP chunk per
+event, ``--chunk-delay`` seconds between events, the first event at once), else JSON.
+
+``GET /bench/stats`` returns the request count per (answer kind, canonical body digest):
+the benchmark uses it to prove that the floor sends the very request bodies the service
+sends. ``GET /bench/bodies`` returns one canonical body per digest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Final, cast
+
+from bench import common, scenario
+
+_SSE_HEAD: Final = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+_MAX_CACHED_BODIES: Final = 256
+_MAX_HEAD: Final = 64 << 10
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _http(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+class Replies:
+    """The four precomputed answers of the stage scenario."""
+
+    def __init__(self, chunks: int) -> None:
+        created = int(time.time())
+        usage_tool = {"prompt_tokens": 60, "completion_tokens": 12, "total_tokens": 72}
+        usage_text = {"prompt_tokens": 90, "completion_tokens": chunks, "total_tokens": 90 + chunks}
+
+        def base(kind: str, suffix: str) -> dict[str, Any]:
+            return {
+                "id": f"chatcmpl-bench-{suffix}",
+                "object": kind,
+                "created": created,
+                "model": scenario.MODEL,
+                "service_tier": "default",
+                "system_fingerprint": None,
+            }
+
+        def chunk(suffix: str, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            out = base("chat.completion.chunk", suffix)
+            out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            out["usage"] = None
+            return out
+
+        def usage_chunk(suffix: str, usage: dict[str, int]) -> dict[str, Any]:
+            out = base("chat.completion.chunk", suffix)
+            out["choices"] = []
+            out["usage"] = usage
+            return out
+
+        def completion(suffix: str, message: dict[str, Any], finish: str, usage: dict[str, int]) -> bytes:
+            body = base("chat.completion", suffix)
+            body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}]
+            body["usage"] = usage
+            return _http("200 OK", _dumps(body))
+
+        call = {
+            "id": scenario.CALL_ID,
+            "type": "function",
+            "function": {"name": scenario.TOOL_NAME, "arguments": scenario.TOOL_ARGUMENTS},
+        }
+        self.tool_json = completion(
+            "tool",
+            {"role": "assistant", "content": None, "refusal": None, "annotations": [], "tool_calls": [call]},
+            "tool_calls",
+            usage_tool,
+        )
+        text = scenario.answer_text(chunks)
+        self.text_json = completion(
+            "text",
+            {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+            "stop",
+            usage_text,
+        )
+        head = {
+            "index": 0,
+            "id": scenario.CALL_ID,
+            "type": "function",
+            "function": {"name": scenario.TOOL_NAME, "arguments": ""},
+        }
+        tool_events = [
+            chunk("tools", {"role": "assistant", "content": None, "tool_calls": [head], "refusal": None}),
+            *(
+                chunk("tools", {"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+                for fragment in scenario.argument_fragments()
+            ),
+            chunk("tools", {}, "tool_calls"),
+            usage_chunk("tools", usage_tool),
+        ]
+        text_events = [
+            chunk("text", {"role": "assistant", "content": "", "refusal": None}),
+            *(chunk("text", {"content": word}) for word in scenario.answer_words(chunks)),
+            chunk("text", {}, "stop"),
+            usage_chunk("text", usage_text),
+        ]
+        self.tool_sse = self._sse(tool_events)
+        self.text_sse = self._sse(text_events)
+
+    @staticmethod
+    def _sse(events: Sequence[dict[str, Any]]) -> tuple[bytes, ...]:
+        """The response as writes: the head with the first event, one write per further
+        event, the terminating zero-length chunk with the last ([DONE])."""
+        frames = [b"data: " + _dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        chunked = [b"%x\r\n%s\r\n" % (len(f), f) for f in frames]
+        chunked[0] = _SSE_HEAD + chunked[0]
+        chunked[-1] += b"0\r\n\r\n"
+        return tuple(chunked)
+
+
+class State:
+    """What the backend process knows: its answers, the routing cache and the counts."""
+
+    def __init__(self, chunks: int, delay: float) -> None:
+        self.replies = Replies(chunks)
+        self.delay = delay
+        self.routes: dict[bytes, tuple[str, bytes | tuple[bytes, ...]]] = {}
+        self.counts: dict[str, int] = {}
+        self.bodies: dict[str, Any] = {}
+        self.requests = 0
+        self.connections = 0
+
+    def route(self, body: bytes) -> tuple[str, bytes | tuple[bytes, ...]]:
+        """(count key, answer) for a chat request body; parsed once per distinct body."""
+        hit = self.routes.get(body)
+        if hit is not None:
+            return hit
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if not isinstance(request, dict):
+            return "invalid", _http("400 Bad Request", b'{"error":{"message":"body is not a JSON object"}}')
+        messages = request.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        last_role = last.get("role") if isinstance(last, dict) else None
+        wants_tool = (
+            bool(request.get("tools")) and last_role != "tool" and request.get("tool_choice") != "none"
+        )
+        stream = bool(request.get("stream"))
+        kind = ("tool" if wants_tool else "text") + ("_sse" if stream else "_json")
+        answer: bytes | tuple[bytes, ...]
+        if wants_tool:
+            answer = self.replies.tool_sse if stream else self.replies.tool_json
+        else:
+            answer = self.replies.text_sse if stream else self.replies.text_json
+        canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        self.bodies.setdefault(digest, request)
+        route = (f"{kind}:{digest}", answer)
+        if len(self.routes) < _MAX_CACHED_BODIES:
+            self.routes[body] = route
+        return route
+
+    def stats(self) -> bytes:
+        return _dumps({"requests": self.requests, "connections": self.connections, "counts": self.counts})
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection; requests are answered in order."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.streaming: tuple[bytes, ...] = ()
+        self.next_frame = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.state.connections += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.streaming:
+            self._process()
+
+    def _process(self) -> None:
+        while self.transport is not None and not self.streaming:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_HEAD:
+                    self._fail(b"431 Request Header Fields Too Large")
+                return
+            lines = bytes(self.buffer[:end]).split(b"\r\n")
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    self._fail(b"411 Length Required")
+                    return
+            total = end + 4 + length
+            if len(self.buffer) < total:
+                return
+            body = bytes(self.buffer[end + 4 : total])
+            del self.buffer[:total]
+            parts = lines[0].split(b" ")
+            if len(parts) != 3:
+                self._fail(b"400 Bad Request")
+                return
+            self._respond(parts[0], parts[1], body)
+
+    def _fail(self, status: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(_http(status.decode(), b"{}"))
+        self.transport.close()
+
+    def _respond(self, method: bytes, path: bytes, body: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        state = self.state
+        if method == b"POST" and path.rstrip(b"/") in (b"/v1/chat/completions", b"/chat/completions"):
+            key, answer = state.route(body)
+            state.requests += 1
+            state.counts[key] = state.counts.get(key, 0) + 1
+            if isinstance(answer, bytes):
+                transport.write(answer)
+            elif state.delay <= 0:
+                transport.write(b"".join(answer))
+            else:
+                transport.write(answer[0])
+                self.streaming, self.next_frame = answer, 1
+                self.timer = asyncio.get_running_loop().call_later(state.delay, self._tick)
+        elif method == b"GET" and path == b"/bench/stats":
+            transport.write(_http("200 OK", state.stats()))
+        elif method == b"GET" and path == b"/bench/bodies":
+            transport.write(_http("200 OK", _dumps(state.bodies)))
+        else:
+            transport.write(_http("404 Not Found", b'{"error":{"message":"no such route"}}'))
+
+    def _tick(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        self.transport.write(self.streaming[self.next_frame])
+        self.next_frame += 1
+        if self.next_frame < len(self.streaming):
+            self.timer = asyncio.get_running_loop().call_later(self.state.delay, self._tick)
+            return
+        self.streaming = ()
+        if self.buffer:
+            self._process()
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    state = State(args.chunks, args.chunk_delay)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Connection(state), args.host, args.port, backlog=4096, reuse_address=True
+    )
+    port = server.sockets[0].getsockname()[1]
+    common.announce(f"READY {port}")
+    await common.wait_for_stop()
+    server.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.backend", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--chunks", type=int, default=scenario.DEFAULT_CHUNKS)
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between SSE events")
+    return common.run(_serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
