@@ -19,8 +19,8 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator
-from typing import Any, NoReturn
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, NoReturn, cast
 
 import httpx2
 import openai
@@ -46,6 +46,23 @@ from toolchain_service.errors import (
     BackendUnavailable,
 )
 from toolchain_service.utf8 import valid
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def _drain(raw: AsyncIterator[bytes], limit: int = 64 << 10, seconds: float = 0.5) -> None:
+    """Read what follows [DONE] (normally only the chunked terminator) so the connection
+    goes back to the pool: without this every streamed call opened a new TCP connection.
+    A backend that keeps talking or stalls after [DONE] just loses its connection."""
+    seen = 0
+    try:
+        async with asyncio.timeout(seconds):
+            async for piece in raw:
+                seen += len(piece)
+                if seen > limit:
+                    return
+    except (TimeoutError, httpx2.HTTPError):
+        return
 
 
 def _retry_after(response: httpx2.Response) -> float | None:
@@ -158,25 +175,44 @@ class OpenAIHTTPBackend(ChatBackend):
             extra["stream_options"] = {"include_usage": True}
         return extra
 
-    def _kwargs(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
+    async def _post(self, request: ChatRequest, stream: bool) -> httpx2.Response:
+        """POST /chat/completions through the shared client, the body serialised once here.
+
+        The typed `chat.completions.create` runs a recursive transform over the whole
+        request (messages and tool schemas included) on every call: ~0.7 ms of CPU per
+        backend call in the benchmark, against ~35 us for `json.dumps`. `client.post` with
+        `cast_to=httpx2.Response` and `stream=True` keeps the client's connection pool,
+        headers, auth and status-error mapping, and hands back the unread HTTP response.
+        """
+        body: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "stream": stream,
-            "extra_body": self._body(request, stream),
         }
         if request.tools:
-            kwargs["tools"] = request.tools
-            kwargs["tool_choice"] = "auto"
+            body["tools"] = request.tools
+            body["tool_choice"] = "auto"
+        body.update(self._body(request, stream))
+        options: dict[str, Any] = {"headers": _JSON_HEADERS}
         if request.timeout is not None:
-            kwargs["timeout"] = self._timeout.__class__(
+            options["timeout"] = httpx2.Timeout(
                 min(request.timeout, self._settings.request_timeout),
                 connect=min(request.timeout, self._settings.connect_timeout),
                 read=min(request.timeout, self._settings.read_timeout),
             )
-        return kwargs
+        unread = True  # stream=True: the client returns the response before reading its body
+        response = await self._client.post(
+            "/chat/completions",
+            cast_to=httpx2.Response,
+            content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+            options=cast(Any, options),
+            stream=unread,
+            stream_cls=None,
+        )
+        assert isinstance(response, httpx2.Response)
+        return response
 
     def _total_timeout(self, request: ChatRequest) -> float:
         total = self._settings.request_timeout
@@ -185,10 +221,8 @@ class OpenAIHTTPBackend(ChatBackend):
     async def complete(self, request: ChatRequest) -> Completion:
         try:
             async with asyncio.timeout(self._total_timeout(request)):
-                async with self._client.chat.completions.with_streaming_response.create(
-                    **self._kwargs(request, False)
-                ) as response:
-                    http = response.http_response
+                http = await self._post(request, False)
+                try:
                     declared = http.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > self._max_bytes:
                         raise BackendResponseTooLarge(self._max_bytes)
@@ -197,6 +231,8 @@ class OpenAIHTTPBackend(ChatBackend):
                         body += piece
                         if len(body) > self._max_bytes:
                             raise BackendResponseTooLarge(self._max_bytes)
+                finally:
+                    await http.aclose()
             return wire.parse_completion(wire.loads(bytes(body)))
         except BackendError as exc:
             raise self._redacted(exc) from None
@@ -211,12 +247,13 @@ class OpenAIHTTPBackend(ChatBackend):
         waited = 0.0
         resumed = time.monotonic()
         try:
-            async with self._client.chat.completions.with_streaming_response.create(
-                **self._kwargs(request, True)
-            ) as response:
+            http = await self._post(request, True)
+            try:
                 finished = False
-                async for data in wire.sse_data(response.http_response.aiter_bytes(), self._max_bytes):
+                raw = http.aiter_bytes()
+                async for data in wire.sse_data(raw, self._max_bytes):
                     if data is wire.DONE:
+                        await _drain(raw)
                         return
                     waited += time.monotonic() - resumed
                     if waited > total:
@@ -230,6 +267,8 @@ class OpenAIHTTPBackend(ChatBackend):
                         f"backend {self.name!r} closed the stream before it finished"
                         " (no finish reason, no [DONE])"
                     )
+            finally:
+                await http.aclose()
         except BackendError as exc:
             raise self._redacted(exc) from None
         except Exception as exc:
