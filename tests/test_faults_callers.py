@@ -24,6 +24,7 @@ from tests.conftest import Harness, detail, kinds, stage
 from tests.fakes.openai_backend import (
     HangReply,
     JSONReply,
+    Reply,
     SSEReply,
     call,
     completion,
@@ -272,12 +273,19 @@ async def test_duplicate_id_of_a_running_stage_is_already_exists_and_the_first_i
     faults: Faults, mode: str
 ) -> None:
     h = await faults.start()
-    h.fake.script(SSEReply(text_chunks("first stage answer"), first_byte_delay=0.3))
+    gate = asyncio.Event()
+
+    async def answer_when_let_through(body: dict[str, Any]) -> Reply:
+        await gate.wait()
+        return SSEReply(text_chunks("first stage answer"))
+
+    h.fake.handler = answer_when_let_through
     first = h.stub.StreamTools(pb.StreamToolsRequest(stage=stage(stage_id="twin")))
-    await h.fake.wait_requests(1)
+    await h.fake.wait_requests(1)  # the first stage is running
     outcome = await run(h, mode, stage(stage_id="twin"))
     assert_failed(outcome, grpc.StatusCode.ALREADY_EXISTS, "STAGE_ALREADY_RUNNING", retryable=False)
     assert "'twin'" in outcome.message
+    gate.set()
     events = [response.event async for response in first]
     assert kinds(events)[-1] == "done" and events[-1].done.text == "first stage answer"
     assert h.fake.request_count == 1
@@ -333,7 +341,7 @@ async def test_slow_reader_holds_back_the_stage_and_then_gets_every_event(faults
 
 @pytest.mark.parametrize("how", ["deadline", "cancel", "cancel_stage"])
 async def test_reader_that_stops_reading_is_ended_cleanly(faults: Faults, how: str) -> None:
-    h, channel, call_ = await big_stream(faults, "stalled-reader", timeout=1.0 if how == "deadline" else None)
+    h, channel, call_ = await big_stream(faults, "stalled-reader", timeout=2.0 if how == "deadline" else None)
     try:
         await call_.read()
         if how == "cancel":

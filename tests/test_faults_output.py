@@ -257,6 +257,23 @@ async def test_arguments_cut_by_max_tokens_say_so_and_never_run(faults: Faults, 
     assert h.echo.calls == []
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_arguments_that_are_not_json_in_a_finished_answer_are_invalid_and_never_run(
+    faults: Faults, mode: str
+) -> None:
+    h = await faults.start()
+    broken = "{'text': 'python, not JSON'}"
+    if mode == "unary":
+        h.fake.script(JSONReply(completion(tool_calls=[call("echo", broken)])))
+    else:
+        h.fake.script(SSEReply(tool_call_chunks([("echo", broken)])))
+    outcome = await run(h, mode)
+    (result,) = outcome.summary()
+    assert result.outcome == pb.TOOL_OUTCOME_INVALID_ARGUMENTS
+    assert "not valid JSON" in result.error and "max_tokens" not in result.error
+    assert h.echo.calls == []
+
+
 async def test_only_the_cut_call_of_an_answer_stopped_by_max_tokens_is_invalid(faults: Faults) -> None:
     h = await faults.start()
     calls: list[tuple[str, str | dict[str, Any]]] = [("echo", {"text": "whole"}), ("echo", '{"te')]

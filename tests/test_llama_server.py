@@ -146,6 +146,7 @@ async def service(llama_server: LlamaServer) -> AsyncIterator[RunningServer]:
             base_url=llama_server.base_url,
             default_model=llama_server.model,
             streams_tool_calls=streams_tool_calls,
+            tool_results_as_user=True,  # its template renders no tool messages (measured)
             max_retries=max_retries,
             read_timeout=60.0,
         )
@@ -204,18 +205,6 @@ def _assert_tool_summary(results: Any) -> None:
     assert any(r.outcome == pb.TOOL_OUTCOME_OK for r in results), [(r.arguments, r.error) for r in results]
 
 
-#: A service bug, not a test problem: the runner sends the assistant tool-call message with
-#: `"content": null` (runner.py); llama_cpp.server validates `content` as a string, answers
-#: HTTP 500 ("7 validation errors ... messages.2"), and the service maps that to UNAVAILABLE
-#: after two useless retries. Fix: send `"content": ""` (OpenAI, vLLM and llama.cpp accept it;
-#: omitting the key breaks llama.cpp's template, which uses StrictUndefined). Strict: once the
-#: runner is fixed these pass, fail as XPASS, and the marker must go.
-SYNTHESIS_CONTENT_NULL = pytest.mark.xfail(
-    strict=True,
-    reason="service bug: runner sends assistant content=null; llama_cpp.server answers HTTP 500",
-)
-
-
 def _assert_tool_phase(stats: pb.PhaseStats, model: str) -> None:
     assert stats.finish_reason == "tool_calls"
     assert stats.retries == 0  # no transient failure was papered over
@@ -223,7 +212,6 @@ def _assert_tool_phase(stats: pb.PhaseStats, model: str) -> None:
     assert stats.HasField("usage") and stats.usage.completion_tokens > 0
 
 
-@SYNTHESIS_CONTENT_NULL
 async def test_stream_synthesis(stub: pb_grpc.ToolchainServiceAsyncStub, llama_server: LlamaServer) -> None:
     events, code = await collect(stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=_stage())))
     assert code == grpc.StatusCode.OK, events[-1:] if events else "no events"
@@ -246,7 +234,6 @@ async def test_stream_synthesis(stub: pb_grpc.ToolchainServiceAsyncStub, llama_s
     assert done.synthesis_phase.retries == 0
 
 
-@SYNTHESIS_CONTENT_NULL
 async def test_run_synthesis(stub: pb_grpc.ToolchainServiceAsyncStub, llama_server: LlamaServer) -> None:
     response = await stub.RunSynthesis(pb.RunSynthesisRequest(stage=_stage()), timeout=120)
     _assert_tool_summary(response.tool_results)

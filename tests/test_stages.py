@@ -8,8 +8,16 @@ import grpc
 from google.protobuf import json_format
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
-from tests.conftest import Harness, collect, kinds, stage
-from tests.fakes.openai_backend import JSONReply, SSEReply, call, completion, text_chunks, tool_call_chunks
+from tests.conftest import Harness, collect, kinds, stage, start_harness, stop_harness
+from tests.fakes.openai_backend import (
+    FakeBackend,
+    JSONReply,
+    SSEReply,
+    call,
+    completion,
+    text_chunks,
+    tool_call_chunks,
+)
 
 
 def script_calculator_stage(h: Harness, *, streamed: bool, answer: str = "The answer is 5.") -> None:
@@ -154,3 +162,15 @@ async def test_list_tools_gives_names_and_json_schemas(h: Harness) -> None:
     schema = json_format.MessageToDict(tools["calculator"].parameters_schema)
     assert schema["type"] == "object" and "expression" in schema["properties"]
     assert tools["misbehave"].timeout_seconds == 0.5
+
+
+async def test_backend_option_sends_tool_results_as_user_messages(fake: FakeBackend) -> None:
+    harness = await start_harness(fake, backend={"tool_results_as_user": True})
+    try:
+        script_calculator_stage(harness, streamed=False)
+        await harness.stub.RunSynthesis(pb.RunSynthesisRequest(stage=stage()))
+        last = fake.requests[1]["messages"][-1]
+        assert last["role"] == "user" and '"result":5' in last["content"].replace(" ", "")
+        assert fake.requests[1]["messages"][-2]["content"] == ""  # the assistant turn, never null
+    finally:
+        await stop_harness(harness)

@@ -96,6 +96,11 @@ class BackendSettings(_Strict):
     n_ctx: int = Field(2048, ge=256, description="local: context window in tokens")
     n_threads: int = Field(0, ge=0, description="local: CPU threads; 0: all cores")
     chat_format: str = Field("chatml-function-calling", description="local: llama.cpp chat format")
+    tool_results_as_user: bool = Field(
+        False,
+        description="send tool results as user messages (servers whose chat template drops tool messages,"
+        " e.g. llama.cpp's chatml-function-calling)",
+    )
 
     @field_validator("base_url")
     @classmethod

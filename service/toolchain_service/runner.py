@@ -217,7 +217,8 @@ class StageRunner:
             messages.append(
                 {
                     "role": "assistant",
-                    "content": None,
+                    # "", not null: llama.cpp's server rejects a null content (HTTP 500).
+                    "content": "",
                     "tool_calls": [
                         {
                             "id": r.call.id,

@@ -50,6 +50,15 @@ from toolchain_service.utf8 import valid
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
+def _tool_result_as_user(message: dict[str, Any]) -> dict[str, Any]:
+    """Some chat templates (llama.cpp's chatml-function-calling) render no `tool` messages,
+    so the model would never see the results; say them as the user instead."""
+    return {
+        "role": "user",
+        "content": f"Result of tool call {message.get('tool_call_id', '')}: {message['content']}",
+    }
+
+
 async def _drain(raw: AsyncIterator[bytes], limit: int = 64 << 10, seconds: float = 0.5) -> None:
     """Read what follows [DONE] (normally only the chunked terminator) so the connection
     goes back to the pool: without this every streamed call opened a new TCP connection.
@@ -184,9 +193,12 @@ class OpenAIHTTPBackend(ChatBackend):
         `cast_to=httpx2.Response` and `stream=True` keeps the client's connection pool,
         headers, auth and status-error mapping, and hands back the unread HTTP response.
         """
+        messages = request.messages
+        if self._settings.tool_results_as_user:
+            messages = [_tool_result_as_user(m) if m.get("role") == "tool" else m for m in messages]
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": request.messages,
+            "messages": messages,
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "stream": stream,
