@@ -6,6 +6,11 @@ the `CancelledError` lands wherever the stage is waiting (the backend's HTTP str
 tool) and unwinds it, closing what it opened; the door that owns the task sees the
 recorded reason, calls `uncancel()`, and reports the cancellation to its caller. A
 cancellation without a recorded reason is the client going away and simply propagates.
+
+A stream's door marks the time it hands an event to grpc (`writing`): a cancellation
+that arrives then waits for that write (up to WRITE_GRACE) and lands right after it, in
+`written`, so the door can still send its Cancel event. Cancelling in the middle of the
+write would leave it pending in grpc, where no other event can follow it.
 """
 
 from __future__ import annotations
@@ -16,24 +21,45 @@ import uuid
 from toolchain_service.errors import NotFoundError, Overloaded, StageAlreadyRunning, Unavailable
 from toolchain_service.events import CancelReason
 
+#: Seconds a cancellation waits for a write in progress (a reader that does not read can
+#: hold one back for ever: then the cancellation lands in the write, and the stream ends
+#: with its status alone).
+WRITE_GRACE = 1.0
+
 
 class StageHandle:
-    __slots__ = ("_deadline_timer", "active", "reason", "stage_id", "task")
+    __slots__ = ("_deadline_timer", "_deferred", "active", "reason", "stage_id", "task", "writing")
 
     def __init__(self, stage_id: str, task: asyncio.Task[object]) -> None:
         self.stage_id = stage_id
         self.task = task
         self.reason = CancelReason.UNSPECIFIED
         self.active = True
+        #: The door is handing an event to grpc.
+        self.writing = False
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deferred: asyncio.TimerHandle | None = None
 
     def cancel(self, reason: CancelReason) -> bool:
         """Cancel the stage once; False when it already ended or was cancelled."""
         if not self.active or self.reason != CancelReason.UNSPECIFIED:
             return False
         self.reason = reason
-        self.task.cancel()
+        if self.writing:
+            loop = asyncio.get_running_loop()
+            self._deferred = loop.call_later(WRITE_GRACE, self.task.cancel)
+        else:
+            self.task.cancel()
         return True
+
+    def written(self) -> None:
+        """Called by the door (in the stage's task) after each write: a cancellation that
+        waited for the write lands here."""
+        self.writing = False
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+            raise asyncio.CancelledError
 
     def cancel_at_deadline(self, seconds: float | None) -> None:
         if seconds is not None:
@@ -46,6 +72,9 @@ class StageHandle:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
 
 class StageManager:

@@ -38,11 +38,22 @@ log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[object, object]
 StreamResponse = TypeVar("StreamResponse", pb.StreamToolsResponse, pb.StreamSynthesisResponse)
 
+#: The server's own deadline timer fires this much (at most a tenth of the time) before
+#: the call's deadline, so that the Cancel event and the status can still go out: at the
+#: deadline itself grpc ends the call, and whatever the server sends then fails.
+_DEADLINE_MARGIN = 0.05
+
 _CANCEL_MESSAGES = {
     CancelReason.CANCEL_STAGE: "cancelled by CancelStage",
     CancelReason.DEADLINE: "the call's deadline passed",
     CancelReason.SHUTDOWN: "the server is shutting down",
 }
+
+
+def _expired(context: Context) -> bool:
+    """Whether the call's own deadline has passed (grpc then ends the call itself)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _response(
@@ -126,7 +137,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             remaining = self.settings.default_deadline_seconds
         else:
             remaining = min(remaining, self.settings.max_deadline_seconds)
-        handle.cancel_at_deadline(remaining)
+        handle.cancel_at_deadline(remaining - min(_DEADLINE_MARGIN, remaining / 10))
         deadline = time.monotonic() + remaining
         return spec, handle, self.runner.run(spec, deadline)
 
@@ -158,10 +169,10 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         record.spec = spec
         sequence = 0
         terminal: StageEvent | None = None
-        # A cancellation that lands in a write leaves that write pending in grpc (a reader
-        # that does not read holds it back): no Cancel event can follow it, only the status,
-        # which goes out behind it; past the deadline grpc has ended the call itself.
-        writing = False
+        # A cancellation waits for a write in progress (StageHandle.written). One that lands
+        # in a write anyway (a reader that does not read held it back) leaves that write
+        # pending in grpc: no Cancel event can follow it, only the status, which goes out
+        # behind it; past the deadline grpc has ended the call itself.
         try:
             async with aclosing(events):
                 async for event in events:
@@ -169,10 +180,15 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                         handle.finish()  # from here on nothing may cancel the stage
                         terminal = event
                     record.event(event)
-                    writing = True
-                    await write(_response(response_type, spec.stage_id, sequence, event))
-                    writing = False
+                    handle.writing = True
+                    try:
+                        await write(_response(response_type, spec.stage_id, sequence, event))
+                    except Exception:
+                        if not _expired(context):
+                            raise
+                        raise asyncio.CancelledError from None  # the deadline ended the call mid-write
                     sequence += 1
+                    handle.written()
             if isinstance(terminal, ErrorEvent):
                 record.finish_error(terminal.error)
             else:
@@ -180,16 +196,15 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         except asyncio.CancelledError:
             reason = self._uncancel(handle)
             if reason == CancelReason.CLIENT:
-                expired = (context.time_remaining() or 1.0) <= 0
-                record.finish_cancel(CancelReason.DEADLINE if expired else reason)
+                record.finish_cancel(CancelReason.DEADLINE if _expired(context) else reason)
                 raise
             record.finish_cancel(reason)
-            if writing and reason == CancelReason.DEADLINE:
-                raise
+            if _expired(context) or (handle.writing and reason == CancelReason.DEADLINE):
+                raise  # grpc has ended the call (or will, at the deadline): nothing can go out
             cancel = CancelEvent(reason, _CANCEL_MESSAGES[reason])
             code, details = cancel_status(reason)
             try:
-                if not writing:
+                if not handle.writing:
                     await write(_response(response_type, spec.stage_id, sequence, cancel))
             finally:
                 self.stages.close(handle)
@@ -225,11 +240,12 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         except asyncio.CancelledError:
             reason = self._uncancel(handle)
             if reason == CancelReason.CLIENT:
-                expired = (context.time_remaining() or 1.0) <= 0
-                record.finish_cancel(CancelReason.DEADLINE if expired else reason)
+                record.finish_cancel(CancelReason.DEADLINE if _expired(context) else reason)
                 raise
             record.finish_cancel(reason)
             self.stages.close(handle)
+            if _expired(context):
+                raise  # grpc has ended the call: nothing can go out
             code, details = cancel_status(reason)
             await context.abort(code, details)
         finally:
