@@ -42,6 +42,8 @@ message, then the same status. The status codes used:
                       wire format (not JSON, not UTF-8, or larger than the
                       server accepts: BACKEND_RESPONSE_TOO_LARGE), or a bug in
                       this server
+  UNAUTHENTICATED     the server requires a bearer token (authorization
+                      metadata) and the call had none or a wrong one
 """
 
 from collections import abc as _abc
