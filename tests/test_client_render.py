@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 from toolchain_client import cli
 from toolchain_client.aio import ErrorDetails, PhaseOptions, build_stage, error_details, status_code_name
-from toolchain_client.cli import JsonLogFormatter, main, redact
+from toolchain_client.cli import main, redact
 from toolchain_client.render import (
     event_to_json,
     format_cancel,
@@ -503,28 +502,6 @@ def test_redact_secret_keys() -> None:
     assert backend["client_secret"] == "<redacted>" and backend["SessionToken"] == "<redacted>"
     assert backend["ssh_key"] == ""  # empty stays visible: nothing to hide
     assert settings["backends"]["vllm"]["client_secret"] == "s"  # a copy, the input is untouched
-
-
-def test_json_log_formatter() -> None:
-    record = logging.LogRecord("toolchain.test", logging.WARNING, __file__, 1, "hello %s", ("world",), None)
-    line = json.loads(JsonLogFormatter().format(record))
-    assert line["level"] == "WARNING" and line["logger"] == "toolchain.test"
-    assert line["message"] == "hello world"
-    assert line["ts"].endswith("+00:00") and "T" in line["ts"]
-
-
-# --- CLI without a server -----------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("TOOLCHAIN_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("TOOLCHAIN_CONFIG_FILE", "")  # restored (removed) after the test
-    return monkeypatch
 
 
 def test_cli_print_config(

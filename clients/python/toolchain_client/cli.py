@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import grpc
@@ -37,7 +35,7 @@ from toolchain_client.render import (
 )
 from toolchain_client.sync import SyncToolchainClient
 
-__all__ = ["JsonLogFormatter", "main", "redact"]
+__all__ = ["main", "redact"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 EXIT_OK = 0
@@ -80,30 +78,6 @@ def redact(data: Any) -> Any:
     if isinstance(data, list | tuple):
         return [redact(item) for item in data]
     return data
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per record: ts (UTC, ISO 8601), level, logger, message[, exc]."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, ensure_ascii=False, default=str)
-
-
-def configure_logging(log_format: str = "text", level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
