@@ -504,6 +504,20 @@ def test_redact_secret_keys() -> None:
     assert settings["backends"]["vllm"]["client_secret"] == "s"  # a copy, the input is untouched
 
 
+# --- CLI without a server -----------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("TOOLCHAIN_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TOOLCHAIN_CONFIG_FILE", "")  # restored (removed) after the test
+    return monkeypatch
+
+
 def test_cli_print_config(
     clean_env: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
