@@ -161,7 +161,7 @@ class Floor:
             *messages,
             {
                 "role": "assistant",
-                "content": None,
+                "content": "",
                 "tool_calls": [
                     {
                         "id": result.call_id,

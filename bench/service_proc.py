@@ -17,7 +17,7 @@ from bench import common, scenario
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from toolchain_client.cli import configure_logging
+    from toolchain_service.logs import configure_logging
     from toolchain_service.transport.server import start_server
 
     configure_logging(args.log_format, args.log_level)
