@@ -9,13 +9,14 @@ github.com/fullstorydev/grpcurl/cmd/grpcurl@latest`) is used first.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.fakes.server_process import run_to_end
 
 
 def grpcurl_binary() -> str:
@@ -32,19 +33,4 @@ def grpcurl_binary() -> str:
 
 async def grpcurl(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
     """Run grpcurl without blocking the event loop the server under test runs on."""
-    process = await asyncio.create_subprocess_exec(
-        grpcurl_binary(),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await run_to_end(grpcurl_binary(), *args, env={**os.environ, "NO_COLOR": "1"}, timeout=timeout)

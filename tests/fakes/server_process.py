@@ -82,10 +82,16 @@ async def _pump(stream: asyncio.StreamReader, into: list[str]) -> None:
         into.append(line.decode(errors="replace"))
 
 
-async def run_serve(env: Mapping[str, str], *args: str, timeout: float = 20.0) -> tuple[int, str, str]:
-    """Run `serve` to its end (for --print-config and bad configuration): code, stdout, stderr."""
+async def run_to_end(
+    *command: str, env: Mapping[str, str] | None = None, timeout: float = 20.0
+) -> tuple[int, str, str]:
+    """Run a child process to its end without blocking the event loop (the server under
+    test may run on it); killed at `timeout`. Returns code, stdout, stderr."""
     process = await asyncio.create_subprocess_exec(
-        *SERVE, *args, env=dict(env), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *command,
+        env=dict(os.environ if env is None else env),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         async with asyncio.timeout(timeout):
@@ -96,6 +102,11 @@ async def run_serve(env: Mapping[str, str], *args: str, timeout: float = 20.0) -
             await process.wait()
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def run_serve(env: Mapping[str, str], *args: str, timeout: float = 20.0) -> tuple[int, str, str]:
+    """Run `serve` to its end (for --print-config and bad configuration): code, stdout, stderr."""
+    return await run_to_end(*SERVE, *args, env=env, timeout=timeout)
 
 
 async def start_serve(
