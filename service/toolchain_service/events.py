@@ -140,4 +140,3 @@ class ErrorEvent:
 
 
 StageEvent = ChunkEvent | ToolSummaryEvent | DoneEvent | CancelEvent | ErrorEvent
-TerminalEvent = DoneEvent | CancelEvent | ErrorEvent

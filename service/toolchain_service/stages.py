@@ -16,7 +16,6 @@ write would leave it pending in grpc, where no other event can follow it.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 from toolchain_service.errors import NotFoundError, Overloaded, StageAlreadyRunning, Unavailable
 from toolchain_service.events import CancelReason
@@ -89,14 +88,14 @@ class StageManager:
         return len(self._running)
 
     def open(self, stage_id: str) -> StageHandle:
-        """Register the current task as stage `stage_id` (a new UUID when empty)."""
+        """Register the current task as stage `stage_id` (the edge has already made a UUID
+        for a caller who sent none)."""
         if self.draining:
             raise Unavailable("the server is shutting down; send the stage to another instance")
         if len(self._running) >= self._max:
             raise Overloaded(
                 f"the server is running its maximum of {self._max} stages; retry shortly", retry_after=1.0
             )
-        stage_id = stage_id or str(uuid.uuid4())
         if stage_id in self._running:
             raise StageAlreadyRunning(
                 f"a stage with stage_id {stage_id!r} is already running; choose another id or leave it empty"

@@ -23,8 +23,6 @@ class Capabilities:
 
     #: Streams a completion whose request has tools and tool_choice="auto".
     streams_tool_calls: bool = True
-    #: Returns structured `tool_calls` (otherwise only JSON in content is expected).
-    native_tool_calls: bool = True
 
 
 @dataclass(frozen=True, slots=True)

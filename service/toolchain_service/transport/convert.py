@@ -87,12 +87,6 @@ def error(err: StageError) -> pb.Error:
     return message
 
 
-def stage_event(stage_id: str, sequence: int, event: StageEvent) -> pb.StageEvent:
-    out = pb.StageEvent()
-    fill_event(out, stage_id, sequence, event)
-    return out
-
-
 def fill_event(out: pb.StageEvent, stage_id: str, sequence: int, event: StageEvent) -> None:
     """Write `event` into `out` in place (a streamed response's `event` field, so the
     hot path builds each message once instead of building and copying it)."""
