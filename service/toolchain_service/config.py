@@ -71,7 +71,9 @@ class BackendSettings(_Strict):
     """One named model backend."""
 
     kind: Literal["openai", "local"] = Field(
-        "openai", description="openai: any OpenAI-compatible HTTP server; local: llama.cpp in-process"
+        "openai",
+        description="openai: any OpenAI-compatible HTTP server; local: the embedded model (a supervised"
+        " llama.cpp llama-server child process)",
     )
     base_url: str = Field(
         "",
@@ -92,10 +94,33 @@ class BackendSettings(_Strict):
     streams_tool_calls: bool | None = Field(
         None, description="whether a streamed tool_choice=auto works; unset: the kind's default"
     )
-    model_path: str = Field("", description="local: GGUF file; empty: the bundled SmolLM2-135M-Instruct")
-    n_ctx: int = Field(2048, ge=256, description="local: context window in tokens")
+    model_path: str = Field(
+        "",
+        description="local: GGUF file; empty: the bundled SmolLM2-135M-Instruct",
+        validate_default=True,
+    )
+    n_ctx: int = Field(2048, ge=256, description="local: context window in tokens, per sequence")
     n_threads: int = Field(0, ge=0, description="local: CPU threads; 0: all cores")
-    chat_format: str = Field("chatml-function-calling", description="local: llama.cpp chat format")
+    parallel: int = Field(
+        4, ge=1, le=64, description="local: sequences generated at once (batched); more requests queue"
+    )
+    server_binary: str = Field(
+        "",
+        description="local: the llama-server executable; empty: beside the Python executable or on PATH",
+        validate_default=True,
+    )
+    start_timeout: float = Field(
+        120.0, gt=0, description="local: seconds the model process may take to start"
+    )
+    watchdog_timeout: float = Field(
+        5.0, gt=0, description="local: seconds /health may stay silent (twice) before the process is killed"
+    )
+    restart_initial_backoff: float = Field(
+        0.5, gt=0, description="local: first wait before restarting a model process that died (doubles)"
+    )
+    restart_max_backoff: float = Field(
+        30.0, gt=0, description="local: longest wait between restarts of a model process that keeps dying"
+    )
     tool_results_as_user: bool = Field(
         False,
         description="send tool results as user messages (servers whose chat template drops tool messages,"
@@ -110,6 +135,23 @@ class BackendSettings(_Strict):
                 raise ValueError("an openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
             if not value.startswith(("http://", "https://")):
                 raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value
+
+    @field_validator("model_path", "server_binary")
+    @classmethod
+    def _check_local_files(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") != "local":
+            return value
+        from toolchain_service.backends import local_model  # noqa: PLC0415 - config stays light
+
+        check = (
+            local_model.model_path_problem
+            if info.field_name == "model_path"
+            else local_model.server_binary_problem
+        )
+        problem = check(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     def api_key(self) -> str:

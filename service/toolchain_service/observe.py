@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from toolchain_service import tracing
@@ -85,7 +85,7 @@ class Metrics:
 
 @runtime_checkable
 class QueueStats(Protocol):
-    """What LocalLlamaBackend exposes about its FIFO worker queue."""
+    """What LocalModelBackend exposes about its FIFO queue for sequence slots."""
 
     name: str
     requests_started: int
@@ -94,7 +94,12 @@ class QueueStats(Protocol):
     @property
     def mean_queue_wait(self) -> float: ...
 
+    @property
+    def restarts(self) -> int: ...
+
     def queue_depth(self) -> int: ...
+
+    def active_requests(self) -> int: ...
 
 
 class _QueueCollector(Collector):
@@ -107,7 +112,7 @@ class _QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         wait = SummaryMetricFamily(
             "toolchain_local_queue_wait_seconds",
-            "Time local-model requests waited for the worker thread",
+            "Time local-model requests waited for a free sequence slot",
             labels=["backend"],
         )
         longest = GaugeMetricFamily(
@@ -116,12 +121,20 @@ class _QueueCollector(Collector):
         depth = GaugeMetricFamily(
             "toolchain_local_queue_depth", "Local-model requests waiting now", labels=["backend"]
         )
+        active = GaugeMetricFamily(
+            "toolchain_local_active_requests", "Local-model requests generating now", labels=["backend"]
+        )
+        restarts = CounterMetricFamily(
+            "toolchain_local_model_restarts", "Restarts of the local model process", labels=["backend"]
+        )
         for b in self._backends:
             count = b.requests_started
             wait.add_metric([b.name], count_value=count, sum_value=b.mean_queue_wait * count)
             longest.add_metric([b.name], b.max_queue_wait)
             depth.add_metric([b.name], b.queue_depth())
-        yield from (wait, longest, depth)
+            active.add_metric([b.name], b.active_requests())
+            restarts.add_metric([b.name], b.restarts)
+        yield from (wait, longest, depth, active, restarts)
 
 
 class MetricsServer:

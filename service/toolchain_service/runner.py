@@ -167,7 +167,8 @@ class StageRunner:
             backend = self.backends.resolve(spec.backend)
             model = self.backends.resolve_model(backend, spec.model)
             enabled = self.enabled_tools(spec.tools)
-            instructions = self.tools.instructions(enabled)
+            constrained = backend.capabilities.constrains_tool_calls
+            instructions = "" if constrained else self.tools.instructions(enabled)
             system = f"{spec.system_prompt}\n\n{instructions}".strip() if instructions else spec.system_prompt
             messages: list[dict[str, Any]] = []
             if system:
@@ -183,6 +184,7 @@ class StageRunner:
                 max_tokens=spec.tool_phase.max_tokens,
                 temperature=spec.tool_phase.temperature,
                 tools=self.tools.specs(enabled) or None,
+                tool_hints=self.tools.hints(enabled) if constrained else None,
             )
             out = _PhaseOutput()
             streamed = spec.stream and backend.capabilities.streams_tool_calls
@@ -195,7 +197,7 @@ class StageRunner:
 
                 calls = out.assembler.calls()
                 text = out.text()
-                if not calls:
+                if not calls and not constrained:
                     calls = parse_content_calls(text)
                     if calls:
                         text = ""

@@ -10,7 +10,7 @@ Every failure is raised as a `toolchain_service.errors.BackendError`.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,10 @@ class Capabilities:
 
     #: Streams a completion whose request has tools and tool_choice="auto".
     streams_tool_calls: bool = True
+    #: Renders the tools into its own (compact) prompt and constrains the answer to a
+    #: valid call or plain text (the embedded model): the runner adds no generic tool
+    #: instructions and reads no calls out of the text.
+    constrains_tool_calls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,18 @@ class RetryPolicy:
     max_backoff: float = 2.0
 
 
+@dataclass(frozen=True, slots=True)
+class ToolHint:
+    """What a tool offers a backend that writes its own tool prompt and grammar."""
+
+    #: A schema a grammar can enforce that admits only arguments passing validation,
+    #: where the parameters schema does not (rules across fields); None: derive it.
+    grammar: dict[str, Any] | None = None
+    #: An example exchange: a user's question and the arguments that answer it.
+    example_prompt: str = ""
+    example_arguments: dict[str, Any] | None = None
+
+
 @dataclass(slots=True)
 class ChatRequest:
     model: str
@@ -43,6 +59,10 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     #: Seconds the whole backend call may take (already capped by the caller's deadline).
     timeout: float | None = None
+    #: Per tool name, what a backend that constrains tool calls can use besides the spec.
+    tool_hints: dict[str, ToolHint] | None = None
+    #: Extra JSON fields of this request's body (e.g. a response_format grammar).
+    extra: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +99,12 @@ class ChatBackend(abc.ABC):
         self.info = info
         self.capabilities = capabilities
         self.retry = retry
+        #: Called (on the event loop) when `is_ready()` may have changed.
+        self.state_listeners: list[Callable[[], None]] = []
+
+    def notify_state(self) -> None:
+        for listener in list(self.state_listeners):
+            listener()
 
     @property
     def name(self) -> str:

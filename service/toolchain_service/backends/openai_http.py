@@ -207,6 +207,8 @@ class OpenAIHTTPBackend(ChatBackend):
             body["tools"] = request.tools
             body["tool_choice"] = "auto"
         body.update(self._body(request, stream))
+        if request.extra:
+            body.update(request.extra)
         options: dict[str, Any] = {"headers": _JSON_HEADERS}
         if request.timeout is not None:
             options["timeout"] = httpx2.Timeout(

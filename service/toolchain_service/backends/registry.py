@@ -11,10 +11,9 @@ from toolchain_service.errors import NotFoundError
 
 def build_backend(name: str, settings: BackendSettings) -> ChatBackend:
     if settings.kind == "local":
-        # Imported lazily: llama-cpp-python is an optional extra.
-        from toolchain_service.backends.local_llama import LocalLlamaBackend  # noqa: PLC0415
+        from toolchain_service.backends.local_model import LocalModelBackend  # noqa: PLC0415
 
-        return LocalLlamaBackend(name, settings)
+        return LocalModelBackend(name, settings)
     from toolchain_service.backends.openai_http import OpenAIHTTPBackend  # noqa: PLC0415
 
     return OpenAIHTTPBackend(name, settings)

@@ -48,6 +48,10 @@ class Tool(abc.ABC, Generic[ArgsT]):
     instructions: ClassVar[str] = ""
     #: Per-tool timeout in seconds; None: the server's tool timeout.
     timeout: ClassVar[float | None] = None
+    #: An example exchange, (a user's question, the arguments that answer it): shown to
+    #: small models (the embedded one) as a worked example, which they follow far better
+    #: than a schema. None: no example.
+    example: ClassVar[tuple[str, dict[str, Any]] | None] = None
 
     @abc.abstractmethod
     async def execute(self, args: ArgsT) -> JSONValue:
@@ -60,6 +64,12 @@ class Tool(abc.ABC, Generic[ArgsT]):
         schema = self.Arguments.model_json_schema()
         schema.pop("title", None)
         return schema
+
+    def grammar_schema(self) -> dict[str, Any] | None:
+        """A JSON schema that a sampling grammar can enforce and that admits only
+        arguments passing `Arguments` validation, where the parameters schema alone does
+        not (rules across fields); None: derived from the parameters schema."""
+        return None
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry for this tool."""

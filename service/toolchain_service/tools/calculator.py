@@ -34,6 +34,7 @@ class CalculatorArgs(ToolArguments):
             "Use ** for powers; no variables."
         ),
         max_length=MAX_EXPRESSION_CHARS,
+        examples=["3 * (4 + 5)"],
     )
 
 
@@ -245,6 +246,7 @@ class Calculator(Tool[CalculatorArgs]):
     )
     Arguments = CalculatorArgs
     instructions = "Use calculator for arithmetic rather than computing results yourself."
+    example = ("What is 3 * (4 + 5)?", {"expression": "3 * (4 + 5)"})
 
     async def execute(self, args: CalculatorArgs) -> JSONValue:
         return {"expression": args.expression, "result": evaluate(args.expression)}

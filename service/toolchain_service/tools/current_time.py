@@ -16,6 +16,7 @@ class CurrentTimeArgs(ToolArguments):
     timezone: str = Field(
         default="UTC",
         description="IANA time zone name, e.g. 'Europe/Paris', 'America/New_York' or 'UTC'",
+        examples=["Europe/Paris"],
         min_length=1,
         max_length=64,
     )
@@ -60,6 +61,7 @@ def _utc_now() -> datetime:
 class CurrentTime(Tool[CurrentTimeArgs]):
     name = "current_time"
     description = "Get the current date, time, weekday and UTC offset in a time zone."
+    example = ("What time is it in Sydney?", {"timezone": "Australia/Sydney"})
     Arguments = CurrentTimeArgs
 
     def __init__(self, clock: Callable[[], datetime] = _utc_now) -> None:

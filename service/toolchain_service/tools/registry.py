@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from toolchain_service import tracing
+from toolchain_service.backends.base import ToolHint
 from toolchain_service.config import ToolSettings
 from toolchain_service.events import ToolCall, ToolCallResult, ToolOutcome
 from toolchain_service.tools.base import Tool, ToolArguments, ToolFailure
@@ -58,6 +59,7 @@ class ToolRegistry:
         self._settings = settings
         self.specs = lru_cache(maxsize=256)(self._specs)
         self.instructions = lru_cache(maxsize=256)(self._instructions)
+        self.hints = lru_cache(maxsize=256)(self._hints)
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._tools))
@@ -73,6 +75,15 @@ class ToolRegistry:
 
     def _specs(self, enabled: tuple[str, ...]) -> list[dict[str, Any]]:
         return [self._tools[n].spec() for n in enabled]
+
+    def _hints(self, enabled: tuple[str, ...]) -> dict[str, ToolHint]:
+        """Grammar schemas and example exchanges, for backends that constrain calls."""
+        hints = {}
+        for name in enabled:
+            tool = self._tools[name]
+            prompt, arguments = tool.example if tool.example is not None else ("", None)
+            hints[name] = ToolHint(tool.grammar_schema(), prompt, arguments)
+        return hints
 
     def _instructions(self, enabled: tuple[str, ...]) -> str:
         """Appended to the system prompt, as the legacy handler did, so that models

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import httpx
 from pydantic import Field, model_validator
@@ -112,6 +112,7 @@ class WeatherArgs(ToolArguments):
         min_length=1,
         max_length=100,
         description="major city name, e.g. 'Paris' or 'Tokyo'; for other places give latitude and longitude",
+        examples=["Paris"],
     )
     latitude: float | None = Field(default=None, ge=-90, le=90, description="degrees north, -90 to 90")
     longitude: float | None = Field(default=None, ge=-180, le=180, description="degrees east, -180 to 180")
@@ -155,12 +156,39 @@ class GetWeather(Tool[WeatherArgs]):
         "or for a latitude/longitude."
     )
     Arguments = WeatherArgs
+    example = ("How is the weather in Madrid?", {"city": "Madrid"})
 
     def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
         """`url` is the forecast endpoint; a given `client` stays the caller's to close."""
         self._url = url
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
+
+    def grammar_schema(self) -> dict[str, Any] | None:
+        """A city, or latitude and longitude together (whole degrees: a grammar cannot
+        bound a fraction), and optionally the unit."""
+        unit = {"enum": ["celsius", "fahrenheit"]}
+        city = {"type": "string", "minLength": 1, "maxLength": 100}
+        return {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"city": city, "unit": unit},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+                {
+                    "type": "object",
+                    "properties": {
+                        "latitude": {"type": "integer", "minimum": -90, "maximum": 90},
+                        "longitude": {"type": "integer", "minimum": -180, "maximum": 180},
+                        "unit": unit,
+                    },
+                    "required": ["latitude", "longitude"],
+                    "additionalProperties": False,
+                },
+            ]
+        }
 
     async def aclose(self) -> None:
         if self._owns_client:

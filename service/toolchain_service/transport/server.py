@@ -7,8 +7,10 @@ Around the services: bearer-token auth (an interceptor, `auth.py`), TLS or mutua
 the port, Prometheus metrics on their own HTTP port, OpenTelemetry spans.
 
 Health ("" and toolchain.v1.ToolchainService): SERVING while at least one backend is
-ready (re-checked every `health_interval` seconds), NOT_SERVING otherwise and from the
-start of a drain on.
+ready, NOT_SERVING otherwise and from the start of a drain on. Each backend has its own
+entry, "toolchain.v1.ToolchainService/backend/NAME": NOT_SERVING while, for instance, the
+embedded model's process is down and being restarted. Readiness is re-checked every
+`health_interval` seconds and at once when a backend reports a change.
 
 Drain: health turns NOT_SERVING, new stages get UNAVAILABLE, running stages get
 `shutdown_grace` seconds to finish, then end with a Cancel event (reason SHUTDOWN).
@@ -25,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
@@ -49,6 +51,8 @@ from toolchain_service.transport.servicer import ToolchainServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolchainService"].full_name
+#: Health service name of each backend: "toolchain.v1.ToolchainService/backend/local".
+BACKEND_HEALTH_PREFIX = f"{SERVICE_NAME}/backend/"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -64,11 +68,12 @@ class RunningServer:
     stages: StageManager
     backends: BackendRegistry
     tools: ToolRegistry
-    health: HealthServicer
+    health: Any  # grpc_health.aio.HealthServicer
     observer: StageObserver
     metrics: MetricsServer | None = None
     tracing: bool = False
     _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _refreshes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     @property
     def address(self) -> str:
@@ -80,8 +85,19 @@ class RunningServer:
             await self.health.set(service, status)
 
     async def refresh_health(self) -> None:
-        """SERVING when a backend is ready, else NOT_SERVING (ignored once draining)."""
+        """The server: SERVING when a backend is ready, else NOT_SERVING; each backend
+        under `BACKEND_HEALTH_PREFIX + name` (ignored once draining)."""
+        for backend in self.backends.all():
+            await self.health.set(
+                BACKEND_HEALTH_PREFIX + backend.name, SERVING if backend.is_ready() else NOT_SERVING
+            )
         await self.set_health(SERVING if self.backends.any_ready() else NOT_SERVING)
+
+    def schedule_health_refresh(self) -> None:
+        """A backend's readiness changed: tell health now, not at the next interval."""
+        task = asyncio.get_running_loop().create_task(self.refresh_health(), name="toolchain-health-refresh")
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
 
     async def _watch_backends(self) -> None:
         while True:
@@ -92,6 +108,11 @@ class RunningServer:
         self._health_task = asyncio.create_task(self._watch_backends(), name="toolchain-health")
 
     async def _stop_watching(self) -> None:
+        for backend in self.backends.all():
+            with contextlib.suppress(ValueError):
+                backend.state_listeners.remove(self.schedule_health_refresh)
+        for refresh in list(self._refreshes):
+            refresh.cancel()
         task, self._health_task = self._health_task, None
         if task is not None:
             task.cancel()
@@ -182,7 +203,7 @@ async def start_server(
         ],
     )
     pb_grpc.add_ToolchainServiceServicer_to_server(servicer, server)
-    health = HealthServicer()
+    health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]  # the public alias of _async, not re-exported for mypy
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
         reflection.enable_server_reflection(
@@ -207,6 +228,8 @@ async def start_server(
         await server.start()
         await running.refresh_health()
         running.watch_backends()
+        for backend in backend_registry.all():
+            backend.state_listeners.append(running.schedule_health_refresh)
     except BaseException:
         await running.stop(0)
         raise
