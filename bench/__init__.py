@@ -5,5 +5,6 @@ agrees on), `backend` (the fake OpenAI server), `service_proc` (the service unde
 `floor` (the bare in-process openai loop), `ceiling_proc` (grpc.aio doing no work),
 `loadgen` (the gRPC load generator), `driver` (the closed-loop harness), `checks` (response
 checks), `procs` / `common` (process plumbing), `profile` (py-spy on the service);
-`local_model` measures the embedded model's tokens/s (service vs llama.cpp alone).
+`local_model` measures the embedded model's aggregate tokens/s at 1, 2 and 4 concurrent stages;
+`quality` measures its tool-calling quality on a prompt set of its own.
 """

@@ -208,6 +208,36 @@ async def test_serve_with_bad_configuration_exits_2_with_one_message_naming_the_
     assert "max_concurrent_stages: Input should be greater than or equal to 1" in lines[0]
 
 
+@pytest.mark.parametrize("problem", ["missing", "unreadable", "not-gguf"])
+async def test_serve_exits_2_with_one_line_when_the_local_model_path_is_bad(
+    tmp_path: Path, problem: str
+) -> None:
+    path = tmp_path / "model.gguf"
+    if problem == "unreadable":
+        path.mkdir()  # a directory: opening it fails even as root
+    elif problem == "not-gguf":
+        path.write_bytes(b"not a model")
+    code, out, err = await run_serve(
+        serve_env(BACKENDS=json.dumps({"local": {"kind": "local", "model_path": str(path)}}))
+    )
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("invalid configuration: backends.local.model_path: "), lines[0]
+    assert str(path) in lines[0]
+
+
+async def test_serve_exits_2_when_the_llama_server_binary_is_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-llama-server"
+    code, _, err = await run_serve(
+        serve_env(BACKENDS=json.dumps({"local": {"kind": "local", "server_binary": str(missing)}}))
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"backends.local.server_binary: {str(missing)!r} is not a file" in err
+
+
 async def test_serve_with_a_bad_toml_file_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[backends.local]\nkind = "gguf"\n')

@@ -118,7 +118,7 @@ async def test_no_metrics_port_unless_configured(fake: FakeBackend) -> None:
 
 
 class QueuedBackend(ChatBackend):
-    """Keeps queue statistics the way LocalLlamaBackend does."""
+    """Keeps queue statistics the way LocalModelBackend does."""
 
     def __init__(self) -> None:
         super().__init__(BackendInfo("llama", "local", "m"), Capabilities(), RetryPolicy())
@@ -132,6 +132,13 @@ class QueuedBackend(ChatBackend):
 
     def queue_depth(self) -> int:
         return 2
+
+    def active_requests(self) -> int:
+        return 3
+
+    @property
+    def restarts(self) -> int:
+        return 1
 
     async def complete(self, request: ChatRequest) -> Completion:
         raise AssertionError("not called")
@@ -152,6 +159,8 @@ async def test_local_model_queue_wait_is_exported(fake: FakeBackend) -> None:
         assert sample(text, "toolchain_local_queue_wait_seconds_sum", {"backend": "llama"}) == 1.5
         assert sample(text, "toolchain_local_queue_wait_max_seconds", {"backend": "llama"}) == 0.75
         assert sample(text, "toolchain_local_queue_depth", {"backend": "llama"}) == 2.0
+        assert sample(text, "toolchain_local_active_requests", {"backend": "llama"}) == 3.0
+        assert sample(text, "toolchain_local_model_restarts_total", {"backend": "llama"}) == 1.0
     finally:
         await server.stop(0)
 
@@ -163,9 +172,9 @@ def test_backends_without_a_queue_add_no_queue_metrics() -> None:
     assert "toolchain_local_queue_depth" not in names
 
 
-def test_the_local_llama_backend_offers_the_queue_statistics() -> None:
-    from toolchain_service.backends.local_llama import LocalLlamaBackend
+def test_the_local_model_backend_offers_the_queue_statistics() -> None:
+    from toolchain_service.backends.local_model import LocalModelBackend
     from toolchain_service.config import BackendSettings
     from toolchain_service.observe import QueueStats
 
-    assert isinstance(LocalLlamaBackend("local", BackendSettings(kind="local")), QueueStats)
+    assert isinstance(LocalModelBackend("local", BackendSettings(kind="local")), QueueStats)

@@ -60,7 +60,9 @@ def _no_crash(model: Embedded) -> Any:
         pytest.fail(f"during this test {model.crashes()}")
 
 
-def _stage(prompt: str, tools: tuple[str, ...], tool_tokens: int = 64, synthesis_tokens: int = 64) -> pb.StageRequest:
+def _stage(
+    prompt: str, tools: tuple[str, ...], tool_tokens: int = 64, synthesis_tokens: int = 64
+) -> pb.StageRequest:
     return pb.StageRequest(
         user_prompt=prompt,
         tools=tools,
@@ -121,7 +123,7 @@ async def test_stream_synthesis_streams_the_call_runs_it_and_streams_the_answer(
     assert len([d for d in deltas if d.arguments_fragment]) >= 2
     result = _assert_calculator_ran_the_models_expression(events[summary_at].tool_summary.results)
     assert "".join(d.arguments_fragment for d in deltas) == result.arguments
-    assert deltas[0].call_id == result.call_id
+    assert deltas[0].id == result.call_id
 
     # The synthesis streamed too, and Done is what was streamed.
     assert len([c for c in synthesis if c.content]) >= 2
@@ -167,7 +169,9 @@ async def test_run_tools(model: Embedded) -> None:
         ("Tell me about the weather, the time and 2+2.", ()),
     ],
 )
-async def test_every_tool_call_the_model_makes_is_valid(model: Embedded, prompt: str, tools: tuple[str, ...]) -> None:
+async def test_every_tool_call_the_model_makes_is_valid(
+    model: Embedded, prompt: str, tools: tuple[str, ...]
+) -> None:
     response = await model.stub.RunTools(pb.RunToolsRequest(stage=_stage(prompt, tools, tool_tokens=128)))
     for result in response.tool_results:
         assert result.outcome not in INVALID_OUTCOMES, (result.tool_name, result.arguments, result.error)
@@ -221,11 +225,16 @@ async def test_cancelling_mid_synthesis_stops_generation(model: Embedded) -> Non
 
 async def test_concurrent_stages_are_generated_together(model: Embedded) -> None:
     stages = [
-        model.stub.StreamTools(pb.StreamToolsRequest(stage=_stage(LONG_PROMPT, ("calculator",), tool_tokens=200)))
+        model.stub.StreamTools(
+            pb.StreamToolsRequest(stage=_stage(LONG_PROMPT, ("calculator",), tool_tokens=200))
+        )
         for _ in range(3)
     ]
-    first = [asyncio.create_task(anext(aiter(c))) for c in stages]
-    await asyncio.gather(*first)
+
+    async def first_event(call: Any) -> None:
+        await call.read()
+
+    await asyncio.gather(*(first_event(c) for c in stages))
     busy = 0
     async with asyncio.timeout(30):
         while busy < 2:

@@ -18,6 +18,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -71,9 +72,9 @@ def _long_stage(stage_id: str) -> pb.StreamSynthesisRequest:
     )
 
 
-async def _read_until_first_chunk(call: grpc.aio.UnaryStreamCall) -> list[pb.StageEvent]:  # type: ignore[type-arg]
+async def _read_until_first_chunk(call: Call) -> list[pb.StageEvent]:
     events: list[pb.StageEvent] = []
-    async for response in call:
+    while (response := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs lag
         events.append(response.event)
         if response.event.HasField("chunk"):
             return events
@@ -81,7 +82,10 @@ async def _read_until_first_chunk(call: grpc.aio.UnaryStreamCall) -> list[pb.Sta
     raise AssertionError(f"the stream ended without a chunk: {kinds(events)}")
 
 
-async def _rest(call: grpc.aio.UnaryStreamCall, before: list[pb.StageEvent]) -> tuple[list[pb.StageEvent], grpc.StatusCode]:  # type: ignore[type-arg]
+Call = Any  # grpc.aio.UnaryStreamCall: grpc-stubs' generic does not fit the generated stub
+
+
+async def _rest(call: Call, before: list[pb.StageEvent]) -> tuple[list[pb.StageEvent], grpc.StatusCode]:
     events, code = await collect(call)
     return before + events, code
 
@@ -115,7 +119,7 @@ async def test_a_dead_model_process_fails_its_stages_and_nothing_else(
     # The outage: the embedded backend is NOT_SERVING, the server and the other backend serve.
     await wait_health(model.channel, "local", NOT_SERVING, timeout=10)
     assert await health_status(model.channel, "") == SERVING
-    fake.script(SSEReply(text_chunks("Fine, ", "thanks.")))
+    fake.script(SSEReply(text_chunks("Fine, thanks.")))
     other = model.stub.StreamSynthesis(
         pb.StreamSynthesisRequest(stage=pb.StageRequest(user_prompt="Hello?", backend="fake"))
     )
@@ -162,7 +166,7 @@ async def test_a_hung_model_process_is_killed_by_the_watchdog_and_restarted(mode
     assert model.backend.process.pid != pid
 
 
-async def _rich_status_of(call: grpc.aio.UnaryStreamCall) -> status_pb2.Status:  # type: ignore[type-arg]
+async def _rich_status_of(call: Call) -> status_pb2.Status:
     for key, value in await call.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)

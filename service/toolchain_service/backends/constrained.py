@@ -168,7 +168,7 @@ def _first_sentence(text: str) -> str:
 #: model sees both kinds of answer (and does not call a tool for everything).
 TEXT_EXAMPLES = (
     ("Hi there!", "Hello! How can I help you today?"),
-    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("Thank you, that is all.", "You are welcome! Have a nice day."),
 )
 
 
