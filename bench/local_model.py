@@ -6,7 +6,7 @@ The service runs as production runs it (`start_server` with the default settings
 embedded SmolLM2-135M-Instruct on a supervised llama-server with `parallel` = 4 sequence
 slots), called through generated stubs. Each round starts C StreamSynthesis stages at once
 on the same prompt (a calculator call, then a synthesis of up to --max-tokens tokens, both
-at temperature 0) and waits for all of them. Per round:
+at temperature 0, each phase up to --max-tokens tokens) and waits for all of them. Per round:
 
 * aggregate tokens/s: completion tokens of every phase of every stage (from Done's usage,
   as the model process counted them) / the round's wall time;
@@ -61,7 +61,7 @@ async def _stage(stub: object, max_tokens: int) -> Stage:
         stage=pb.StageRequest(
             user_prompt=PROMPT,
             tools=["calculator"],
-            tool_phase=pb.PhaseOptions(max_tokens=64, temperature=0.0),
+            tool_phase=pb.PhaseOptions(max_tokens=max_tokens, temperature=0.0),
             synthesis_phase=pb.PhaseOptions(max_tokens=max_tokens, temperature=0.0),
         )
     )
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,2,4", help="comma-separated stage counts")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=128, help="synthesis max_tokens per stage")
+    parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens of each phase")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     try:

@@ -216,7 +216,10 @@ async def run_prompt(stub: Any, prompt: Prompt) -> Record:
         record.error = record.error or "the stream ended without a terminal event"
         return record
     record.text = done.text
-    record.answer_correct = answer_matches(prompt, done.text)
+    # A tool-needing prompt is answered correctly only through its tool: a made-up clock
+    # time or a guessed product that happens to match the rule does not count.
+    through_tool = not record.tool_needed or (record.right_tool and record.executed_ok)
+    record.answer_correct = through_tool and answer_matches(prompt, done.text)
     record.model = done.tool_phase.model
     if done.tool_phase.HasField("usage"):
         usage = done.tool_phase.usage

@@ -18,6 +18,7 @@ import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from tests.conftest import collect, detail, kinds
 from tests.fakes.openai_backend import FakeBackend, SSEReply, text_chunks
+from tests.fakes.server_process import serve_env, start_serve
 from tests.model_support import (
     NOT_SERVING,
     SERVING,
@@ -171,3 +173,37 @@ async def _rich_status_of(call: Call) -> status_pb2.Status:
         if key == "grpc-status-details-bin":
             return status_pb2.Status.FromString(value)
     raise AssertionError("no google.rpc.Status in the trailers")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads children from Linux /proc")
+async def test_the_model_process_dies_with_a_killed_service() -> None:
+    server = await start_serve(serve_env(), timeout=120)
+    try:
+        children = _children(server.pid)
+        assert len(children) == 1, children
+        model = children[0]
+        assert "llama-server" in _cmdline(model)
+        os.kill(server.pid, signal.SIGKILL)
+        assert await server.wait(timeout=20) == -signal.SIGKILL
+        async with asyncio.timeout(20):
+            while _state(model) != "Z":  # noqa: ASYNC110 - /proc has no notification
+                await asyncio.sleep(0.05)
+    finally:
+        await server.close()
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+
+def _state(pid: int) -> str:
+    """The process state letter; "Z" also when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

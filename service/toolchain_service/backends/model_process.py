@@ -9,8 +9,8 @@ A native fault in the model (an instruction the CPU advertises but cannot run, a
 kill) ends only this child: the service keeps serving every other backend, every request
 in flight on the model fails with a connection error that the backend reports as
 UNAVAILABLE, and the process is started again with backoff. The child is started in its
-own session (a terminal's Ctrl-C goes to the service, which drains) and, on Linux, with
-PR_SET_PDEATHSIG, so it dies with the service even when the service is SIGKILLed.
+own session (a terminal's Ctrl-C goes to the service, which drains) and, on Linux, through
+`setpriv --pdeathsig KILL`, so it dies with the service even when the service is SIGKILLed.
 
 `listeners` are called (on the event loop) on every change of `ready`, so health can
 follow at once. `generation` counts starts; `exit_since(generation)` tells a request that
@@ -24,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -38,27 +38,13 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _find_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
-# Looked up once here: between fork and exec the child may only make this one call (no
-# dlopen, no allocation), since other threads of the parent may hold locks.
-_PRCTL = _find_prctl()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _with_parent_death_signal(command: list[str]) -> list[str]:
+    """`command` run through util-linux's `setpriv --pdeathsig KILL` where it exists, so
+    the child dies with the service even when the service is SIGKILLed. (A preexec_fn
+    calling prctl would run Python between fork and exec in a process with gRPC's threads:
+    unsafe, and seen to crash the child.)"""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else command
 
 
 def describe_exit(returncode: int) -> str:
@@ -207,7 +193,7 @@ class ModelProcess:
         self.generation += 1
         self._exited = asyncio.Event()
         self._log_tail.clear()
-        command = list(self._command(self.port))
+        command = _with_parent_death_signal(list(self._command(self.port)))
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *command,
@@ -215,7 +201,6 @@ class ModelProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # only prctl, before exec
                 env=self._env,
             )
         except OSError as exc:
