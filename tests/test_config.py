@@ -238,6 +238,15 @@ async def test_serve_exits_2_when_the_llama_server_binary_is_missing(tmp_path: P
     assert f"backends.local.server_binary: {str(missing)!r} is not a file" in err
 
 
+async def test_serve_exits_2_with_one_line_when_the_model_process_cannot_start() -> None:
+    local = {"kind": "local", "server_binary": "/bin/false"}  # a file, so only starting it fails
+    code, out, err = await run_serve(serve_env(BACKENDS=json.dumps({"local": local})), timeout=60)
+    assert code == 2, err
+    assert out == ""
+    expected = "backends.local: the embedded model did not start: the model process exited with status 1"
+    assert err.strip().splitlines() == [f"{expected} while starting"], err
+
+
 async def test_serve_with_a_bad_toml_file_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[backends.local]\nkind = "gguf"\n')

@@ -45,12 +45,6 @@ LONG = "Write a very long story about a dragon who learns to count."
 
 
 @pytest_asyncio.fixture
-async def fake() -> AsyncIterator[FakeBackend]:
-    async with FakeBackend() as backend:
-        yield backend
-
-
-@pytest_asyncio.fixture
 async def model(fake: FakeBackend) -> AsyncIterator[Embedded]:
     from toolchain_service.config import BackendSettings
 

@@ -19,6 +19,12 @@ from toolchain_service.backends.local_model import find_server_binary
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_script(name: str, target: Path) -> subprocess.CompletedProcess[str]:
+    """One of the .ci checks on `target`, run to its end."""
+    command = [sys.executable, str(ROOT / ".ci" / name), str(target)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+
+
 def _binary() -> Path:
     binary = find_server_binary()
     assert binary is not None, "llama-server is not built: run bash .ci/setup"
@@ -27,13 +33,7 @@ def _binary() -> Path:
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets only")
 def test_the_built_llama_server_holds_no_amx_or_avx512_instructions() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / ".ci" / "check-isa"), str(_binary())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = _run_script("check-isa", _binary())
     assert result.returncode == 0, result.stderr
     assert "no AMX and no AVX-512 instructions" in result.stdout
 
@@ -46,26 +46,13 @@ def test_check_isa_finds_amx_and_avx512_where_they_are(tmp_path: Path) -> None:
     source.write_text(".text\n.globl f\nf:\n  ldtilecfg (%rdi)\n  vpaddd %zmm0, %zmm1, %zmm2\n  ret\n")
     obj = tmp_path / "bad.o"
     subprocess.run(["cc", "-c", str(source), "-o", str(obj)], check=True, timeout=60)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / ".ci" / "check-isa"), str(obj)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _run_script("check-isa", obj)
     assert result.returncode == 1
     assert "1 AMX instructions" in result.stderr and "1 AVX-512 instructions" in result.stderr
 
 
 @pytest.mark.model
 def test_the_smoke_check_generates_text_with_the_built_binary() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / ".ci" / "smoke-model"), str(_binary())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
+    result = _run_script("smoke-model", _binary())
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("smoke-model: ok:")

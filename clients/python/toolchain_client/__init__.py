@@ -20,6 +20,13 @@ decodes the server's reason, field violations and retry delay. `SyncToolchainCli
 the same methods, blocking. `pb` is the generated messages module (toolchain_pb2).
 """
 
+import os
+
+# gRPC's C core (grpcio 1.85) logs at INFO unless told otherwise, e.g. "skipping fork()
+# handlers" each time `serve` starts the embedded model's process. Errors still show; set
+# GRPC_VERBOSITY yourself to see more. Read when grpc is first imported, hence here.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from toolchain_client.aio import (

@@ -63,7 +63,7 @@ from toolchain_service.backends.constrained import (
 )
 from toolchain_service.backends.model_process import ModelProcess, ProcessPolicy, StartupFailed, cpu_count
 from toolchain_service.backends.openai_http import OpenAIHTTPBackend
-from toolchain_service.config import BackendSettings
+from toolchain_service.config import BackendSettings, ConfigError
 from toolchain_service.errors import BackendMisconfigured, BackendUnavailable
 from toolchain_service.events import ToolCall, ToolCallDelta
 from toolchain_service.toolcalls import ToolCallAssembler
@@ -269,8 +269,12 @@ class LocalModelBackend(ChatBackend):
         try:
             await self.process.start()
         except StartupFailed as exc:
-            raise BackendMisconfigured(
-                f"the embedded model of backend {self.name!r} did not start: {exc}", reason=_MISSING_REASON
+            # One line for the operator: how it ended and the model process's last words.
+            last = next((line for line in reversed(self.process.log_tail().splitlines()) if line.strip()), "")
+            how = str(exc).splitlines()[0].rstrip(":")
+            raise ConfigError(
+                f"backends.{self.name}: the embedded model did not start: {how}"
+                + (f" (its last log line: {last.strip()[:300]})" if last else "")
             ) from None
         log.info(
             "local backend %s: %s on llama-server (parallel=%d, n_ctx=%d per sequence, threads=%d)",

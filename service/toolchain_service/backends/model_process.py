@@ -10,7 +10,8 @@ kill) ends only this child: the service keeps serving every other backend, every
 in flight on the model fails with a connection error that the backend reports as
 UNAVAILABLE, and the process is started again with backoff. The child is started in its
 own session (a terminal's Ctrl-C goes to the service, which drains) and, on Linux, through
-`setpriv --pdeathsig KILL`, so it dies with the service even when the service is SIGKILLed.
+`setsid setpriv --pdeathsig KILL`, so it dies with the service even when the service is
+SIGKILLed (see `_isolated`).
 
 `listeners` are called (on the event loop) on every change of `ready`, so health can
 follow at once. `generation` counts starts; `exit_since(generation)` tells a request that
@@ -33,18 +34,24 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
+from toolchain_service.errors import BackendError
+
 log = logging.getLogger(__name__)
 
-def _with_parent_death_signal(command: list[str]) -> list[str]:
-    """`command` run through util-linux's `setpriv --pdeathsig KILL` where it exists, so
-    the child dies with the service even when the service is SIGKILLed. (A preexec_fn
-    calling prctl would run Python between fork and exec in a process with gRPC's threads:
-    unsafe, and seen to crash the child.)"""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else command
+
+def _isolated(command: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """How to start `command` in a session of its own that dies with this process: on Linux
+    with util-linux, `setsid setpriv --pdeathsig KILL -- command` (no Python code runs in
+    the forked child, which has the locks of gRPC's threads); elsewhere a plain start in a
+    new session (the child then outlives a SIGKILLed service)."""
+    setsid, setpriv = shutil.which("setsid"), shutil.which("setpriv")
+    if sys.platform.startswith("linux") and setsid and setpriv:
+        return [setsid, setpriv, "--pdeathsig", "KILL", "--", *command], {}
+    return command, {"start_new_session": True}
 
 
 def describe_exit(returncode: int) -> str:
@@ -157,7 +164,9 @@ class ModelProcess:
             try:
                 await self._spawn()
                 await self._wait_ready()
-            except _NotReady as exc:
+            except Exception as exc:  # _NotReady, or a bug: either way this start failed
+                if not isinstance(exc, _NotReady):
+                    log.exception("model process %s: starting failed unexpectedly", self.name)
                 await self._stop_process()
                 if not first.done():
                     first.set_exception(StartupFailed(str(exc)))
@@ -193,15 +202,18 @@ class ModelProcess:
         self.generation += 1
         self._exited = asyncio.Event()
         self._log_tail.clear()
-        command = _with_parent_death_signal(list(self._command(self.port)))
+        try:
+            command, how = _isolated(list(self._command(self.port)))
+        except BackendError as exc:
+            raise _NotReady(exc.message) from None
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *command,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
                 env=self._env,
+                **how,
             )
         except OSError as exc:
             raise _NotReady(f"cannot run {command[0]}: {exc.strerror or exc}") from None
@@ -211,15 +223,24 @@ class ModelProcess:
         )
 
     async def _pump(self, process: asyncio.subprocess.Process, generation: int) -> None:
-        """Keep the log's tail, log it at DEBUG, and record the exit when it comes."""
+        """Keep the log's tail, log it at DEBUG, and record the exit when it comes (in
+        chunks, not lines: a line longer than a reader's limit must not stop the pump)."""
         assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._log_tail.append(line)
-            log.debug("model %s: %s", self.name, line)
+        pending = b""
+        try:
+            while chunk := await process.stdout.read(1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) > 1 << 16:
+                    lines, pending = [*lines, pending], b""
+                for raw in lines:
+                    line = raw[:2000].decode("utf-8", "replace").rstrip()
+                    self._log_tail.append(line)
+                    log.debug("model %s: %s", self.name, line)
+        except OSError:  # the pipe broke: the exit still counts
+            pass
         returncode = await process.wait()
         self.last_exit = Exit(generation, returncode, describe_exit(returncode))
-        if not self._closing:
+        if self.ready and not self._closing:  # a failed start is reported by whoever waited for it
             log.error("model process %s (pid %s) %s", self.name, process.pid, self.last_exit.how)
         self._exited.set()
 
