@@ -243,14 +243,6 @@ class EnvelopeDecoder:
         self._text_done = False
         self._args_at = -1
 
-    @property
-    def raw(self) -> str:
-        return self._raw
-
-    @property
-    def is_call(self) -> bool:
-        return self._mode == "call"
-
     def feed(self, piece: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
         """New content and tool-call deltas that `piece` completes."""
         self._raw += piece
