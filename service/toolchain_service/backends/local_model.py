@@ -156,17 +156,12 @@ def server_binary_problem(configured: str) -> str:
     return f"{SERVER_BINARY} is neither beside {sys.executable} nor on PATH; run bash .ci/setup to build it"
 
 
-def _resolve_model(settings: BackendSettings) -> Path:
-    if settings.model_path:
-        return Path(settings.model_path).expanduser()
-    return bundled_model_path()
-
-
 def adapt_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Tool-call turns as the model wrote them (the envelope) and tool results as user
     turns: the ChatML template renders neither in a form a small model reads."""
     names: dict[str, str] = {}
     adapted: list[dict[str, Any]] = []
+    results_at = -1  # index of the user turn that holds tool results, if any
     for message in messages:
         role = message.get("role")
         if role == "assistant" and message.get("tool_calls"):
@@ -184,19 +179,16 @@ def adapt_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif role == "tool":
             name = names.get(str(message.get("tool_call_id", "")), "the tool")
             result = f"Result of {name}: {message.get('content', '')}"
-            if (
-                adapted
-                and adapted[-1]["role"] == "user"
-                and str(adapted[-1]["content"]).startswith("Result of ")
-            ):
+            if results_at == len(adapted) - 1:  # one user turn for all results of a call turn
                 adapted[-1] = {"role": "user", "content": f"{adapted[-1]['content']}\n{result}"}
             else:
                 adapted.append({"role": "user", "content": result})
+                results_at = len(adapted) - 1
         else:
             adapted.append({**message, "content": message.get("content") or ""})
-    if adapted and adapted[-1]["role"] == "user" and str(adapted[-1]["content"]).startswith("Result of "):
+    if results_at >= 0 and results_at == len(adapted) - 1:
         # A small model asked to go on after its own JSON writes more JSON; say what is wanted.
-        adapted[-1] = {**adapted[-1], "content": f"{adapted[-1]['content']}\n{_ANSWER_NOW}"}
+        adapted[-1] = {"role": "user", "content": f"{adapted[-1]['content']}\n{_ANSWER_NOW}"}
     return adapted
 
 
@@ -248,7 +240,7 @@ class LocalModelBackend(ChatBackend):
         return [
             str(binary),
             "--model",
-            str(_resolve_model(self._settings)),
+            str(self.model_path or bundled_model_path()),
             "--alias",
             self.info.default_model,
             "--host",
