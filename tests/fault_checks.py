@@ -177,7 +177,7 @@ class Outcome:
     response: Any = None
 
     @property
-    def error(self) -> pb.Error:
+    def error(self) -> pb.StageError:
         assert self.events, "a unary call has no events"
         return self.events[-1].error
 

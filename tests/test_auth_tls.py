@@ -3,6 +3,7 @@ certificates made at test time."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -104,14 +105,39 @@ async def test_health_is_exempt_from_auth(authed: Harness) -> None:
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_reflection_requires_a_token_and_grpcurl_can_send_one(authed: Harness) -> None:
-    code, _, err = await grpcurl("-plaintext", authed.server.address, "list")
-    assert code != 0 and "Unauthenticated" in err
+async def test_grpcurl_health_check_needs_no_token_because_reflection_is_public(authed: Harness) -> None:
+    # grpcurl asks reflection before every call: with auth on, health must work without a token.
+    code, out, err = await grpcurl("-plaintext", authed.server.address, "grpc.health.v1.Health/Check")
+    assert code == 0, err
+    assert json.loads(out)["status"] == "SERVING"
+    code, out, err = await grpcurl("-plaintext", authed.server.address, "describe", SERVICE)
+    assert code == 0, err
+
+
+async def test_grpcurl_calls_need_the_token_though_reflection_does_not(authed: Harness) -> None:
+    code, _, err = await grpcurl("-plaintext", authed.server.address, f"{SERVICE}/ListTools")
+    assert code != 0 and "Unauthenticated" in err and "MISSING_CREDENTIALS" in err
     code, out, err = await grpcurl(
-        "-plaintext", "-H", f"authorization: Bearer {TOKEN}", authed.server.address, "list"
+        "-plaintext", "-H", f"authorization: Bearer {TOKEN}", authed.server.address, f"{SERVICE}/ListTools"
     )
     assert code == 0, err
-    assert SERVICE in out.split()
+    assert "calculator" in {t["name"] for t in json.loads(out)["tools"]}
+
+
+async def test_reflection_can_require_the_token(fake: FakeBackend, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    harness = await start_harness(fake, auth={"bearer_file": str(tokens), "public_reflection": False})
+    try:
+        code, _, err = await grpcurl("-plaintext", harness.server.address, "list")
+        assert code != 0 and "Unauthenticated" in err
+        code, out, err = await grpcurl(
+            "-plaintext", "-H", f"authorization: Bearer {TOKEN}", harness.server.address, "list"
+        )
+        assert code == 0, err
+        assert SERVICE in out.split()
+    finally:
+        await stop_harness(harness)
 
 
 # -- TLS ---------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def test_format_cancel() -> None:
 
 
 def test_format_error_retryable() -> None:
-    error = pb.Error(
+    error = pb.StageError(
         code=grpc.StatusCode.UNAVAILABLE.value[0],
         message="the backend is unreachable",
         phase=pb.PHASE_SYNTHESIS,
@@ -294,7 +294,7 @@ def test_format_error_retryable() -> None:
 
 
 def test_format_error_not_retryable_with_violations() -> None:
-    error = pb.Error(code=3, message="invalid request", reason="INVALID_REQUEST")
+    error = pb.StageError(code=3, message="invalid request", reason="INVALID_REQUEST")
     lines = format_error(error, [("stage.user_prompt", "must not be empty")]).splitlines()
     assert lines == [
         "error INVALID_ARGUMENT [INVALID_REQUEST]: invalid request",
@@ -314,8 +314,16 @@ def test_status_code_names(code: int, name: str) -> None:
 def test_format_tools() -> None:
     table = format_tools(
         [
-            pb.Tool(name="calculator", description="Evaluate arithmetic.", timeout_seconds=10),
-            pb.Tool(name="get_weather", description="Weather " * 40, timeout_seconds=2.5),
+            pb.Tool(
+                name="calculator",
+                description="Evaluate arithmetic.",
+                timeout=duration_pb2.Duration(seconds=10),
+            ),
+            pb.Tool(
+                name="get_weather",
+                description="Weather " * 40,
+                timeout=duration_pb2.Duration(seconds=2, nanos=500_000_000),
+            ),
         ]
     )
     header, calculator, weather = table.splitlines()
@@ -339,7 +347,7 @@ def test_event_to_json_is_one_line_with_proto_names() -> None:
     text = event_to_json(event)
     assert "\n" not in text
     data = json.loads(text)
-    assert data["stage_id"] == "s-1" and data["sequence"] == "7"
+    assert data["stage_id"] == "s-1" and data["sequence"] == 7  # uint32: a JSON number, not a string
     first = data["tool_summary"]["results"][0]
     assert first["tool_name"] == "calculator" and first["outcome"] == "TOOL_OUTCOME_OK"
     assert json_format.Parse(text, pb.StageEvent()) == event

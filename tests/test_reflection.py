@@ -18,6 +18,7 @@ async def test_grpcurl_lists_the_services_through_reflection(h: Harness) -> None
     assert SERVICE in services
     assert "grpc.health.v1.Health" in services
     assert "grpc.reflection.v1alpha.ServerReflection" in services
+    assert "grpc.reflection.v1.ServerReflection" in services
 
 
 async def test_grpcurl_describes_the_toolchain_service(h: Harness) -> None:
@@ -38,7 +39,9 @@ async def test_grpcurl_calls_list_tools_through_reflection(h: Harness) -> None:
     assert code == 0, err
     tools = {tool["name"]: tool for tool in json.loads(out)["tools"]}
     assert {"calculator", "current_time", "get_weather", "echo"} <= set(tools)
-    assert tools["calculator"]["parameters_schema"]["type"] == "object"
+    # Proto JSON names (lowerCamelCase): reflection serves protoc's descriptors, json_name included.
+    assert tools["calculator"]["parametersSchema"]["type"] == "object"
+    assert tools["calculator"]["timeout"] == "10s"
 
 
 async def test_grpcurl_runs_a_stage_against_the_backend_through_reflection(h: Harness) -> None:
@@ -49,9 +52,9 @@ async def test_grpcurl_runs_a_stage_against_the_backend_through_reflection(h: Ha
     )
     assert code == 0, err
     response = json.loads(out)
-    assert response["stage_id"] == "from-grpcurl"
-    (result,) = response["tool_results"]
-    assert result["tool_name"] == "calculator" and result["outcome"] == "TOOL_OUTCOME_OK"
+    assert response["stageId"] == "from-grpcurl"
+    (result,) = response["toolResults"]
+    assert result["toolName"] == "calculator" and result["outcome"] == "TOOL_OUTCOME_OK"
     assert result["result"]["result"] == 5
     assert h.fake.requests[0]["tools"][0]["function"]["name"] == "calculator"
 

@@ -161,7 +161,7 @@ async def test_list_tools_gives_names_and_json_schemas(h: Harness) -> None:
     assert {"calculator", "current_time", "get_weather", "echo"} <= set(tools)
     schema = json_format.MessageToDict(tools["calculator"].parameters_schema)
     assert schema["type"] == "object" and "expression" in schema["properties"]
-    assert tools["misbehave"].timeout_seconds == 0.5
+    assert tools["misbehave"].timeout.ToNanoseconds() == 500_000_000
 
 
 async def test_backend_option_sends_tool_results_as_user_messages(fake: FakeBackend) -> None:

@@ -244,6 +244,11 @@ class AuthSettings(_Strict):
     bearer_file: str = Field(
         "", description="file with one accepted token per line ('#' comments); read at start"
     )
+    public_reflection: bool = Field(
+        True,
+        description="answer server reflection without a token, like health: it shows the public "
+        "contract only, and grpcurl and buf curl ask it before every call",
+    )
 
     @field_validator("bearer_env_vars")
     @classmethod

@@ -60,6 +60,10 @@ class FieldViolation:
     description: str
 
 
+#: The retry delay of a retryable error whose cause named none (no Retry-After).
+DEFAULT_RETRY_DELAY = 1.0
+
+
 class StageError(Exception):
     """Base of every failure that ends a stage; carries what the caller needs to act."""
 
@@ -83,6 +87,14 @@ class StageError(Exception):
         self.retry_after = retry_after
         if reason is not None:
             self.reason = reason
+
+    @property
+    def retry_delay(self) -> float | None:
+        """Seconds a caller should wait before retrying; None when a retry cannot help. The
+        status's RetryInfo and the stream's error event both carry this one value."""
+        if not self.retryable:
+            return None
+        return self.retry_after if self.retry_after is not None else DEFAULT_RETRY_DELAY
 
     def after_retries(self, retries: int) -> None:
         """Record that the phase gave up after `retries` retries, in the message too."""

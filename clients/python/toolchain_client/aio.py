@@ -123,9 +123,9 @@ class ErrorDetails:
         connection failure) count as retryable."""
         return self.retry_delay is not None or self.code in _RETRYABLE_CODES
 
-    def to_event(self) -> pb.Error:
+    def to_event(self) -> pb.StageError:
         """The same failure as a stream's Error event (for rendering with format_error)."""
-        error = pb.Error(
+        error = pb.StageError(
             code=self.code.value[0], message=self.message, retryable=self.retryable, reason=self.reason
         )
         if self.retry_delay is not None:

@@ -200,7 +200,7 @@ def format_cancel(cancel: pb.Cancel) -> str:
     return f"{text}: {cancel.message}" if cancel.message else text
 
 
-def format_error(error: pb.Error, field_violations: Sequence[tuple[str, str]] = ()) -> str:
+def format_error(error: pb.StageError, field_violations: Sequence[tuple[str, str]] = ()) -> str:
     """`error UNAVAILABLE [BACKEND_UNAVAILABLE] in tool phase: <message>`, then whether a
     retry can help (and when), then one line per invalid request field."""
     head = f"error {status_code_name(error.code)}"
@@ -227,7 +227,11 @@ def format_tools(tools: Sequence[pb.Tool], *, description_width: int = 80) -> st
         return "no tools"
     rows = [["name", "timeout", "description"]]
     rows.extend(
-        [tool.name, f"{tool.timeout_seconds:g} s", truncate(tool.description, description_width)]
+        [
+            tool.name,
+            f"{tool.timeout.ToNanoseconds() / 1e9:g} s",
+            truncate(tool.description, description_width),
+        ]
         for tool in tools
     )
     return _table(rows, right=(1,))

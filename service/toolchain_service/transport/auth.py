@@ -22,9 +22,12 @@ from typing import Any
 import grpc
 
 from toolchain_service.errors import Code, StageError
+from toolchain_service.transport import reflection
 from toolchain_service.transport.status import grpc_status
 
 EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
+#: Reflection shows the public contract only; exempt unless `auth.public_reflection` is off.
+REFLECTION_PREFIXES: tuple[str, ...] = tuple(f"/{name}/" for name in reflection.SERVICE_NAMES)
 _HEADER = "authorization"
 
 

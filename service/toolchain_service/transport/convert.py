@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2
+from google.rpc import error_details_pb2
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
-from toolchain_service.errors import StageError
+from toolchain_service.errors import InvalidRequest, StageError
 from toolchain_service.events import (
     CancelEvent,
     ChunkEvent,
     DoneEvent,
     ErrorEvent,
+    Phase,
     PhaseStats,
     StageEvent,
     ToolCallResult,
@@ -74,16 +76,33 @@ def phase_stats(stats: PhaseStats) -> pb.PhaseStats:
     return message
 
 
-def error(err: StageError) -> pb.Error:
-    message = pb.Error(
+def phase_name(phase: Phase) -> str:
+    """The contract's name of a phase ("PHASE_TOOL"), as ErrorInfo metadata carries it."""
+    return pb.Phase.Name(phase.value)  # type: ignore[arg-type]
+
+
+def field_violations(err: StageError) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    if not isinstance(err, InvalidRequest):
+        return []
+    return [
+        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+        for v in err.violations
+    ]
+
+
+def error(err: StageError) -> pb.StageError:
+    """The stream's error event; it says what transport/status.py puts in the status."""
+    message = pb.StageError(
         code=int(err.code),
         message=err.message,
         phase=err.phase.value,  # type: ignore[arg-type]
         retryable=err.retryable,
         reason=err.reason,
+        field_violations=field_violations(err),
     )
-    if err.retry_after is not None:
-        message.retry_delay.CopyFrom(duration(err.retry_after))
+    delay = err.retry_delay
+    if delay is not None:
+        message.retry_delay.CopyFrom(duration(delay))
     return message
 
 

@@ -15,6 +15,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_service.config import PhaseDefaults, Settings
 from toolchain_service.errors import FieldViolation, InvalidRequest
 from toolchain_service.events import PhaseOptions, StageSpec
+from toolchain_service.transport.decoding import Undecodable
 
 MAX_ID_CHARS = 128
 MAX_NAME_CHARS = 256
@@ -41,11 +42,23 @@ def _phase(
     return PhaseOptions(max_tokens=max_tokens, temperature=temperature)
 
 
+def _valid_stage_id(stage_id: str) -> bool:
+    return len(stage_id) <= MAX_ID_CHARS and all(" " < c < "\x7f" for c in stage_id)
+
+
+def rejected_stage_id(request: pb.StageRequest | Undecodable) -> str:
+    """The stage id a rejected stream's error event echoes: the caller's when it is a valid
+    one, else a new UUID (the contract promises a non-empty id in every event)."""
+    if isinstance(request, pb.StageRequest) and request.stage_id and _valid_stage_id(request.stage_id):
+        return request.stage_id
+    return str(uuid.uuid4())
+
+
 def parse_stage(request: pb.StageRequest, settings: Settings, *, synthesis: bool, stream: bool) -> StageSpec:
     """The validated stage, or InvalidRequest naming every bad field."""
     bad: list[FieldViolation] = []
     stage_id = request.stage_id
-    if len(stage_id) > MAX_ID_CHARS or not all(" " < c < "\x7f" for c in stage_id):
+    if not _valid_stage_id(stage_id):
         bad.append(
             FieldViolation("stage.stage_id", f"must be at most {MAX_ID_CHARS} printable ASCII characters")
         )

@@ -29,7 +29,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
@@ -44,7 +43,8 @@ from toolchain_service.stages import StageManager
 from toolchain_service.tools.base import Tool
 from toolchain_service.tools.builtin import builtin_tools
 from toolchain_service.tools.registry import ToolRegistry
-from toolchain_service.transport.auth import BearerAuthInterceptor
+from toolchain_service.transport import reflection
+from toolchain_service.transport.auth import EXEMPT_PREFIXES, REFLECTION_PREFIXES, BearerAuthInterceptor
 from toolchain_service.transport.decoding import DecodeGuard
 from toolchain_service.transport.servicer import ToolchainServicer
 
@@ -189,7 +189,8 @@ async def start_server(
 
     interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]  # grpc-stubs' generic
     if settings.auth.enabled:
-        interceptors.append(BearerAuthInterceptor(settings.auth.load_tokens()))
+        exempt = EXEMPT_PREFIXES + (REFLECTION_PREFIXES if settings.auth.public_reflection else ())
+        interceptors.append(BearerAuthInterceptor(settings.auth.load_tokens(), exempt))
         if not settings.tls.enabled:
             log.warning("bearer tokens travel in plaintext: configure tls.cert_file and tls.key_file")
     if settings.log_prompts:
@@ -206,14 +207,7 @@ async def start_server(
     health = grpc_health.aio.HealthServicer()  # type: ignore[attr-defined]  # the public alias of _async, not re-exported for mypy
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-        )
+        reflection.enable(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port = _listen(server, settings)
     await backend_registry.start()
     running = RunningServer(

@@ -30,7 +30,7 @@ from toolchain_service.runner import StageRunner
 from toolchain_service.stages import StageHandle, StageManager
 from toolchain_service.transport import convert
 from toolchain_service.transport.decoding import Undecodable, accepts_undecodable
-from toolchain_service.transport.requests import parse_stage
+from toolchain_service.transport.requests import parse_stage, rejected_stage_id
 from toolchain_service.transport.status import cancel_status, grpc_status
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 name=tool.name,
                 description=tool.description,
                 parameters_schema=schema,
-                timeout_seconds=self.runner.tools.timeout_of(tool),
+                timeout=convert.duration(self.runner.tools.timeout_of(tool)),
             )
         return response
 
@@ -163,8 +163,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=True)
         except StageError as exc:
             record.finish_error(exc)
-            stage_id = "" if isinstance(stage, Undecodable) else stage.stage_id
-            await write(_response(response_type, stage_id, 0, ErrorEvent(exc)))
+            await write(_response(response_type, rejected_stage_id(stage), 0, ErrorEvent(exc)))
             await self._abort(context, exc)
         record.spec = spec
         sequence = 0

@@ -12,9 +12,9 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from toolchain_service.errors import InvalidRequest, StageError
+from toolchain_service.errors import StageError
 from toolchain_service.events import CancelReason
-from toolchain_service.transport.convert import duration
+from toolchain_service.transport.convert import duration, field_violations, phase_name
 
 DOMAIN = "toolchain.v1"
 
@@ -28,22 +28,17 @@ def _pack(message: object) -> any_pb2.Any:
 def grpc_status(err: StageError) -> grpc.Status:
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata={"phase": err.phase.name})
-        )
-    ]
-    if isinstance(err, InvalidRequest):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in err.violations
-                    ]
-                )
+            error_details_pb2.ErrorInfo(
+                reason=err.reason, domain=DOMAIN, metadata={"phase": phase_name(err.phase)}
             )
         )
-    if err.retryable:
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(err.retry_after or 1.0))))
+    ]
+    violations = field_violations(err)
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    delay = err.retry_delay
+    if delay is not None:
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(delay))))
     status = status_pb2.Status(code=int(err.code), message=err.message, details=details)
     return rpc_status.to_status(status)
 

@@ -10,11 +10,14 @@ are executed, concurrently, each with a timeout. In the optional synthesis
 phase the tool results go back to the model, which writes the final answer.
 
 Errors. Unary RPCs fail with a gRPC status whose `grpc-status-details-bin`
-trailer carries a `google.rpc.Status` with `google.rpc.ErrorInfo` (domain
-"toolchain.v1", a stable `reason`), `google.rpc.BadRequest` (one field
-violation per invalid request field) and `google.rpc.RetryInfo` when a retry
-can help. Streaming RPCs end with an `Error` event carrying the same code and
-message, then the same status. The status codes used:
+trailer carries a `google.rpc.Status` (google/rpc/status.proto) with
+`google.rpc.ErrorInfo` (domain "toolchain.v1", a stable `reason` from
+ErrorReason in error_reason.proto, metadata key "phase"),
+`google.rpc.BadRequest` (one field violation per invalid request field) and
+`google.rpc.RetryInfo` whenever a retry can help. Streaming RPCs end with a
+StageError event carrying the same code, message, reason, field violations
+and retry delay, then the same status. The google.rpc files are vendored
+under protos/google/rpc (Apache-2.0, from googleapis). The status codes used:
 
   INVALID_ARGUMENT    a request field is invalid (see BadRequest; a string
                       that is not UTF-8 too), or the backend rejected the
@@ -53,6 +56,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import error_details_pb2 as _error_details_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -178,6 +182,9 @@ class StageRequest(_message.Message):
     """Caller-chosen identifier of the stage, at most 128 printable ASCII
     characters; used by CancelStage and echoed in every event. Empty: the
     server generates a UUID. Must not equal the id of a stage still running.
+    Every event of a stream carries a non-empty stage_id: when the request is
+    rejected before the stage starts and its stage_id is empty or invalid, the
+    StageError event carries a server-generated UUID.
     """
     system_prompt: _builtins.str
     """System prompt. The server appends the instructions of the enabled tools.
@@ -500,7 +507,7 @@ Global___StreamSynthesisResponse: _TypeAlias = StreamSynthesisResponse  # noqa: 
 class StageEvent(_message.Message):
     """StageEvent is one event of a streamed stage. A stream is: Chunk events of the
     tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
-    RPCs only), then exactly one of Done, Cancel or Error, after which the
+    RPCs only), then exactly one of Done, Cancel or StageError, after which the
     stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
     the error's code). A stream that fails before the tool phase ends has no
     ToolSummary.
@@ -516,7 +523,7 @@ class StageEvent(_message.Message):
     CANCEL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.str
-    """Identifier of the stage."""
+    """Identifier of the stage; never empty (see StageRequest.stage_id)."""
     sequence: _builtins.int
     """Position of this event in the stage: 0, 1, 2, ... without gaps."""
     @_builtins.property
@@ -536,7 +543,7 @@ class StageEvent(_message.Message):
         """Terminal: the stage was cancelled."""
 
     @_builtins.property
-    def error(self) -> Global___Error:
+    def error(self) -> Global___StageError:
         """Terminal: the stage failed."""
 
     def __init__(
@@ -548,7 +555,7 @@ class StageEvent(_message.Message):
         tool_summary: Global___ToolSummary | None = ...,
         done: Global___Done | None = ...,
         cancel: Global___Cancel | None = ...,
-        error: Global___Error | None = ...,
+        error: Global___StageError | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "chunk", b"chunk", "done", b"done", "error", b"error", "event", b"event", "tool_summary", b"tool_summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -849,8 +856,11 @@ class Cancel(_message.Message):
 Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
-class Error(_message.Message):
-    """Error ends a stage that failed."""
+class StageError(_message.Message):
+    """StageError ends a stage that failed. It says what the call's final status
+    says (google.rpc.Status with ErrorInfo, BadRequest and RetryInfo), so a
+    stream reader can act on it without reading the trailers.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -860,21 +870,35 @@ class Error(_message.Message):
     RETRYABLE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The gRPC status code (google.rpc.Code) the call ends with."""
     message: _builtins.str
-    """What went wrong and what to do about it."""
+    """What went wrong and what to do about it; the status message."""
     phase: Global___Phase.ValueType
-    """The phase that failed; PHASE_UNSPECIFIED when none had started."""
+    """The phase that failed; PHASE_UNSPECIFIED when none had started. The same
+    as ErrorInfo metadata "phase".
+    """
     retryable: _builtins.bool
-    """Whether sending the same request again can succeed."""
+    """Whether sending the same request again can succeed; true exactly when
+    retry_delay is set.
+    """
     reason: _builtins.str
-    """Stable machine-readable reason, as in google.rpc.ErrorInfo (e.g.
-    "BACKEND_UNAVAILABLE").
+    """Stable machine-readable reason: the name of an ErrorReason value (e.g.
+    "BACKEND_UNAVAILABLE"), the same as ErrorInfo.reason.
     """
     @_builtins.property
     def retry_delay(self) -> _duration_pb2.Duration:
-        """How long to wait before retrying, when the server knows."""
+        """How long to wait before retrying; set whenever retryable is true, and
+        equal to the status's RetryInfo.retry_delay.
+        """
+
+    @_builtins.property
+    def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[_error_details_pb2.BadRequest.FieldViolation]:
+        """The invalid request fields when reason is INVALID_REQUEST, the same as
+        the status's google.rpc.BadRequest.field_violations; field paths are
+        relative to the request message (e.g. "stage.user_prompt").
+        """
 
     def __init__(
         self,
@@ -885,14 +909,15 @@ class Error(_message.Message):
         retryable: _builtins.bool = ...,
         reason: _builtins.str = ...,
         retry_delay: _duration_pb2.Duration | None = ...,
+        field_violations: _abc.Iterable[_error_details_pb2.BadRequest.FieldViolation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_delay", b"retry_delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "phase", b"phase", "reason", b"reason", "retry_delay", b"retry_delay", "retryable", b"retryable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "phase", b"phase", "reason", b"reason", "retry_delay", b"retry_delay", "retryable", b"retryable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Error: _TypeAlias = Error  # noqa: Y015
+Global___StageError: _TypeAlias = StageError  # noqa: Y015
 
 @_typing.final
 class CancelStageRequest(_message.Message):
@@ -988,16 +1013,18 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_SCHEMA_FIELD_NUMBER: _builtins.int
-    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the model uses to call it."""
     description: _builtins.str
     """What it does, as shown to the model."""
-    timeout_seconds: _builtins.float
-    """Seconds a call may run before it is cancelled (TIMED_OUT)."""
     @_builtins.property
     def parameters_schema(self) -> _struct_pb2.Struct:
         """JSON schema of its arguments object."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long a call may run before it is cancelled (TIMED_OUT)."""
 
     def __init__(
         self,
@@ -1005,11 +1032,11 @@ class Tool(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         parameters_schema: _struct_pb2.Struct | None = ...,
-        timeout_seconds: _builtins.float = ...,
+        timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters_schema", b"parameters_schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters_schema", b"parameters_schema", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_schema", b"parameters_schema", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_schema", b"parameters_schema", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,7 +93,7 @@ class ToolchainServiceServicer:
 
     def StreamTools(self, request, context):
         """StreamTools streams the tool phase: chunks as the model produces them, one
-        ToolSummary, then exactly one terminal event (Done, Cancel or Error).
+        ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,7 +101,7 @@ class ToolchainServiceServicer:
 
     def StreamSynthesis(self, request, context):
         """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-        synthesis chunks, then exactly one terminal event (Done, Cancel or Error).
+        synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
         When the model calls no tool there are no synthesis chunks and Done.text
         is the tool phase text.
         """

@@ -10,11 +10,14 @@ are executed, concurrently, each with a timeout. In the optional synthesis
 phase the tool results go back to the model, which writes the final answer.
 
 Errors. Unary RPCs fail with a gRPC status whose `grpc-status-details-bin`
-trailer carries a `google.rpc.Status` with `google.rpc.ErrorInfo` (domain
-"toolchain.v1", a stable `reason`), `google.rpc.BadRequest` (one field
-violation per invalid request field) and `google.rpc.RetryInfo` when a retry
-can help. Streaming RPCs end with an `Error` event carrying the same code and
-message, then the same status. The status codes used:
+trailer carries a `google.rpc.Status` (google/rpc/status.proto) with
+`google.rpc.ErrorInfo` (domain "toolchain.v1", a stable `reason` from
+ErrorReason in error_reason.proto, metadata key "phase"),
+`google.rpc.BadRequest` (one field violation per invalid request field) and
+`google.rpc.RetryInfo` whenever a retry can help. Streaming RPCs end with a
+StageError event carrying the same code, message, reason, field violations
+and retry delay, then the same status. The google.rpc files are vendored
+under protos/google/rpc (Apache-2.0, from googleapis). The status codes used:
 
   INVALID_ARGUMENT    a request field is invalid (see BadRequest; a string
                       that is not UTF-8 too), or the backend rejected the
@@ -90,11 +93,11 @@ class ToolchainServiceStub:
     """
     StreamTools: _grpc.UnaryStreamMultiCallable[_toolchain_pb2.StreamToolsRequest, _toolchain_pb2.StreamToolsResponse]
     """StreamTools streams the tool phase: chunks as the model produces them, one
-    ToolSummary, then exactly one terminal event (Done, Cancel or Error).
+    ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
     """
     StreamSynthesis: _grpc.UnaryStreamMultiCallable[_toolchain_pb2.StreamSynthesisRequest, _toolchain_pb2.StreamSynthesisResponse]
     """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-    synthesis chunks, then exactly one terminal event (Done, Cancel or Error).
+    synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
     When the model calls no tool there are no synthesis chunks and Done.text
     is the tool phase text.
     """
@@ -126,11 +129,11 @@ class ToolchainServiceAsyncStub(ToolchainServiceStub):
     """
     StreamTools: _aio.UnaryStreamMultiCallable[_toolchain_pb2.StreamToolsRequest, _toolchain_pb2.StreamToolsResponse]  # type: ignore[assignment]
     """StreamTools streams the tool phase: chunks as the model produces them, one
-    ToolSummary, then exactly one terminal event (Done, Cancel or Error).
+    ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
     """
     StreamSynthesis: _aio.UnaryStreamMultiCallable[_toolchain_pb2.StreamSynthesisRequest, _toolchain_pb2.StreamSynthesisResponse]  # type: ignore[assignment]
     """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-    synthesis chunks, then exactly one terminal event (Done, Cancel or Error).
+    synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
     When the model calls no tool there are no synthesis chunks and Done.text
     is the tool phase text.
     """
@@ -177,7 +180,7 @@ class ToolchainServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_toolchain_pb2.StreamToolsResponse], _abc.AsyncIterator[_toolchain_pb2.StreamToolsResponse]]:
         """StreamTools streams the tool phase: chunks as the model produces them, one
-        ToolSummary, then exactly one terminal event (Done, Cancel or Error).
+        ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
         """
 
     @_abc_1.abstractmethod
@@ -187,7 +190,7 @@ class ToolchainServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_toolchain_pb2.StreamSynthesisResponse], _abc.AsyncIterator[_toolchain_pb2.StreamSynthesisResponse]]:
         """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-        synthesis chunks, then exactly one terminal event (Done, Cancel or Error).
+        synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
         When the model calls no tool there are no synthesis chunks and Done.text
         is the tool phase text.
         """
