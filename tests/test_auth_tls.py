@@ -4,6 +4,8 @@ certificates made at test time."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tests.conftest import Harness, collect, detail, kinds, rich_status, stage, 
 from tests.fakes.grpcurl import grpcurl
 from tests.fakes.openai_backend import FakeBackend, JSONReply, SSEReply, completion, text_chunks
 from tests.fakes.pki import PKI, make_pki
+from tests.fakes.server_process import run_to_end
 
 TOKEN = "tok-env-5f1c2a9e"
 FILE_TOKEN = "tok-file-77d0b3"
@@ -234,3 +237,49 @@ async def test_grpcurl_calls_through_tls_with_a_client_certificate(fake: FakeBac
         assert '"name": "calculator"' in out
     finally:
         await stop_harness(harness)
+
+
+# -- the CLI reaches a server with auth, TLS and mutual TLS ------------------------------
+
+
+async def cli(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TOOLCHAIN_TOKEN"}
+    if token is not None:
+        env["TOOLCHAIN_TOKEN"] = token
+    return await run_to_end(sys.executable, "-m", "toolchain_client", *args, env=env, timeout=60)
+
+
+async def test_cli_sends_a_bearer_token_from_the_option_or_the_environment(authed: Harness) -> None:
+    address = authed.server.address
+    code, _, err = await cli("tools", "--target", address)
+    assert code == 1 and "UNAUTHENTICATED" in err and "MISSING_CREDENTIALS" in err
+    code, out, err = await cli("tools", "--target", address, "--token", TOKEN)
+    assert code == 0, err
+    assert "calculator" in out
+    authed.fake.script(JSONReply(completion(content="authenticated answer")))
+    code, out, err = await cli("run", "--target", address, "--unary", "hello", token=TOKEN)
+    assert code == 0, err
+    assert "authenticated answer" in out
+
+
+async def test_cli_speaks_mutual_tls_with_a_client_certificate(fake: FakeBackend, pki: PKI) -> None:
+    harness = await start_harness(fake, tls=tls_settings(pki, mutual=True))
+    address = harness.server.address
+    try:
+        code, _, err = await cli("tools", "--target", address, "--ca-file", str(pki.ca_file))
+        assert code == 1 and "UNAVAILABLE" in err  # the server wants a client certificate
+        tls = ["--ca-file", str(pki.ca_file), "--cert-file", str(pki.client.cert_file)]
+        code, out, err = await cli("tools", "--target", address, *tls, "--key-file", str(pki.client.key_file))
+        assert code == 0, err
+        assert "calculator" in out
+    finally:
+        await stop_harness(harness)
+
+
+async def test_cli_names_an_unreadable_tls_file_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    code, out, err = await cli("tools", "--target", "127.0.0.1:1", "--ca-file", str(missing))
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [
+        f"error: cannot read the CA file '{missing}': No such file or directory"
+    ]

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import Harness, start_harness, stop_harness
 from tests.fakes.grpcurl import grpcurl
 from tests.fakes.openai_backend import FakeBackend, JSONReply, call, completion
+from tests.fakes.server_process import run_to_end
 
 SERVICE = "toolchain.v1.ToolchainService"
 
@@ -76,3 +80,55 @@ async def test_reflection_can_be_switched_off(fake: FakeBackend) -> None:
         assert "does not support the reflection API" in err
     finally:
         await stop_harness(harness)
+
+
+async def test_grpcurl_describe_shows_the_protos_comments(h: Harness) -> None:
+    code, out, err = await grpcurl("-plaintext", h.server.address, "describe", SERVICE)
+    assert code == 0, err
+    assert "ToolchainService runs tool stages" in out  # the service's leading comment
+    assert "CancelStage cancels a running stage, from any connection." in out  # an RPC's
+    code, out, err = await grpcurl("-plaintext", h.server.address, "describe", "toolchain.v1.ErrorReason")
+    assert code == 0, err
+    assert "BACKEND_RATE_LIMITED = 8;" in out and "Retry after the RetryInfo" in out
+
+
+async def test_grpcurl_decodes_the_error_details_by_their_google_rpc_types(h: Harness) -> None:
+    request = {"stage": {"user_prompt": "", "tool_phase": {"temperature": 3.0}}}
+    code, _, err = await grpcurl(
+        "-plaintext", "-format-error", "-d", json.dumps(request), h.server.address, f"{SERVICE}/RunTools"
+    )
+    assert code != 0
+    assert "is not recognized" not in err
+    status = json.loads(err)
+    by_type = {d["@type"].rsplit("/", 1)[-1]: d for d in status["details"]}
+    assert by_type["google.rpc.ErrorInfo"]["reason"] == "INVALID_REQUEST"
+    assert by_type["google.rpc.ErrorInfo"]["metadata"] == {"phase": "PHASE_UNSPECIFIED"}
+    fields = {v["field"] for v in by_type["google.rpc.BadRequest"]["fieldViolations"]}
+    assert fields == {"stage.user_prompt", "stage.tool_phase.temperature"}
+
+
+def _buf() -> str:
+    buf = Path(__file__).resolve().parent.parent / ".ci" / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        pytest.fail(f"{buf} is missing: run bash .ci/setup (it installs buf)")
+    return str(buf)
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+async def test_buf_curl_lists_the_methods_through_each_reflection_protocol(h: Harness, protocol: str) -> None:
+    code, out, err = await run_to_end(
+        _buf(),
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+        "--reflect-protocol",
+        protocol,
+        "--list-methods",
+        f"http://{h.server.address}",
+        timeout=30,
+    )
+    assert code == 0, err
+    methods = set(out.split())
+    for rpc in ("RunTools", "RunSynthesis", "StreamTools", "StreamSynthesis", "CancelStage", "ListTools"):
+        assert f"{SERVICE}/{rpc}" in methods

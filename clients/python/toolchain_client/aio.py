@@ -21,6 +21,8 @@ from grpc_status import rpc_status
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
+from toolchain_client.credentials import token_metadata
+
 __all__ = [
     "ErrorDetails",
     "PhaseOptions",
@@ -198,7 +200,8 @@ class ToolchainClient:
 
     Give it a target ("host:port") and it opens an insecure channel (a secure one with
     `credentials`) that `close()` / `async with` closes; or pass your own `channel`, which
-    it leaves open. `metadata` goes with every call; `timeout` is the default deadline in
+    it leaves open. `metadata` goes with every call, and `token` as a bearer token
+    (`credentials.tls_credentials` makes TLS credentials); `timeout` is the default deadline in
     seconds of every call (None: no deadline), overridable per call.
     """
 
@@ -210,6 +213,7 @@ class ToolchainClient:
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self._owns_channel = channel is None
@@ -220,7 +224,7 @@ class ToolchainClient:
                 channel = grpc.aio.secure_channel(target, credentials)
         self.channel = channel
         self._stub = pb_grpc.ToolchainServiceStub(channel)
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, *token_metadata(token))
         self._timeout = timeout
 
     async def __aenter__(self) -> Self:

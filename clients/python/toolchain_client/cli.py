@@ -24,6 +24,7 @@ import grpc
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from toolchain_client.aio import PhaseOptions, ToolchainClient, error_details
+from toolchain_client.credentials import tls_credentials
 from toolchain_client.render import (
     event_to_json,
     format_cancel,
@@ -300,7 +301,7 @@ async def _run(args: argparse.Namespace, prompt: str) -> int:
         "tool_phase": _phase_options(args.tool_max_tokens, args.tool_temperature),
         "synthesis_phase": _phase_options(args.synthesis_max_tokens, args.synthesis_temperature),
     }
-    async with ToolchainClient(args.target, timeout=args.timeout) as client:
+    async with ToolchainClient(args.target, **_connection(args)) as client:
         if args.unary:
             return await _run_unary(client, args, stage)
         return await _run_stream(client, args, stage)
@@ -329,7 +330,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_tools(args: argparse.Namespace) -> int:
     try:
-        with SyncToolchainClient(args.target, timeout=args.timeout) as client:
+        with SyncToolchainClient(args.target, **_connection(args)) as client:
             tools = client.list_tools()
     except grpc.RpcError as err:
         return _print_rpc_error(err)
@@ -344,7 +345,7 @@ def _cmd_tools(args: argparse.Namespace) -> int:
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
     try:
-        with SyncToolchainClient(args.target, timeout=args.timeout) as client:
+        with SyncToolchainClient(args.target, **_connection(args)) as client:
             client.cancel_stage(args.stage_id)
     except grpc.RpcError as err:
         return _print_rpc_error(err)
@@ -369,6 +370,35 @@ def _client_options(parser: argparse.ArgumentParser, timeout_help: str) -> None:
         "--target", default=DEFAULT_TARGET, help=f"server address host:port (default {DEFAULT_TARGET})"
     )
     parser.add_argument("--timeout", type=_positive_float, default=None, metavar="SECONDS", help=timeout_help)
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TOOLCHAIN_TOKEN") or None,
+        help="bearer token for a server with auth on (default: $TOOLCHAIN_TOKEN)",
+    )
+    tls = parser.add_argument_group("TLS (any of these turns TLS on)")
+    tls.add_argument("--tls", action="store_true", help="TLS, trusting the system's CA roots")
+    tls.add_argument("--ca-file", metavar="PEM", help="CA certificates to trust instead of the system's")
+    tls.add_argument(
+        "--cert-file", metavar="PEM", help="client certificate, for mutual TLS (with --key-file)"
+    )
+    tls.add_argument("--key-file", metavar="PEM", help="private key of --cert-file")
+
+
+def _connection(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's keyword arguments for --token and the TLS options."""
+    options: dict[str, Any] = {"timeout": args.timeout, "token": args.token}
+    if args.tls or args.ca_file or args.cert_file or args.key_file:
+        try:
+            options["credentials"] = tls_credentials(
+                ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return options
+
+
+class UsageError(Exception):
+    """A command-line option that cannot work (exit 2, one line)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,7 +456,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    code: int = args.handler(args)
+    try:
+        code: int = args.handler(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return code
 
 

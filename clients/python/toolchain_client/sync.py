@@ -12,6 +12,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
 from toolchain_client.aio import PhaseOptions, build_stage
+from toolchain_client.credentials import token_metadata
 
 __all__ = ["SyncToolchainClient"]
 
@@ -21,7 +22,8 @@ class SyncToolchainClient:
 
     Give it a target ("host:port") and it opens an insecure channel (a secure one with
     `credentials`) that `close()` / `with` closes; or pass your own `channel`, which it
-    leaves open. `metadata` goes with every call; `timeout` is the default deadline in
+    leaves open. `metadata` goes with every call, and `token` as a bearer token
+    (`credentials.tls_credentials` makes TLS credentials); `timeout` is the default deadline in
     seconds of every call (None: no deadline), overridable per call.
     """
 
@@ -33,6 +35,7 @@ class SyncToolchainClient:
         metadata: Sequence[tuple[str, str]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self._owns_channel = channel is None
@@ -43,7 +46,7 @@ class SyncToolchainClient:
                 channel = grpc.secure_channel(target, credentials)
         self.channel = channel
         self._stub = pb_grpc.ToolchainServiceStub(channel)
-        self._metadata = tuple(metadata)
+        self._metadata = (*metadata, *token_metadata(token))
         self._timeout = timeout
 
     def __enter__(self) -> Self:

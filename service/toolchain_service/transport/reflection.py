@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from importlib import resources
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 from grpc_reflection.v1alpha import reflection_pb2 as rpb
 
 SERVICE_NAMES = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
@@ -31,12 +31,26 @@ def _contract_files() -> dict[str, descriptor_pb2.FileDescriptorProto]:
     return {f.name: f for f in files}
 
 
+def _reflection_v1() -> descriptor_pb2.FileDescriptorProto:
+    """grpc/reflection/v1/reflection.proto, derived from v1alpha's (the same messages under
+    another package), so that clients can resolve the v1 service they talk to."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    rpb.DESCRIPTOR.CopyToProto(proto)
+    text = text_format.MessageToString(proto).replace("grpc.reflection.v1alpha", "grpc.reflection.v1")
+    proto = text_format.Parse(text, descriptor_pb2.FileDescriptorProto())
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.options.Clear()
+    return proto
+
+
 class ReflectionService:
     """The ServerReflectionInfo stream: answers each request in order."""
 
     def __init__(self, service_names: Sequence[str]) -> None:
         self._service_names = tuple(sorted({*service_names, *SERVICE_NAMES}))
         self._commented = _contract_files()
+        v1 = _reflection_v1()
+        self._commented[v1.name] = v1
         self._pool = descriptor_pool.DescriptorPool()
         for proto in self._commented.values():  # dependencies first: the set is in that order
             self._pool.Add(proto)
