@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -108,3 +109,32 @@ async def test_a_streams_retry_delay_is_the_statuss_retry_info(
 async def test_list_tools_gives_each_timeout_as_a_duration(h: Harness) -> None:
     tools = {t.name: t for t in (await h.stub.ListTools(pb.ListToolsRequest())).tools}
     assert tools["calculator"].timeout.ToTimedelta().total_seconds() > 0
+
+
+def _buf_breaking(new: Path, old: Path) -> subprocess.CompletedProcess[str]:
+    buf = ROOT / ".ci" / "node_modules" / ".bin" / "buf"
+    if not buf.exists():
+        pytest.fail(f"{buf} is missing: run bash .ci/setup (it installs buf)")
+    return subprocess.run(
+        [str(buf), "breaking", str(new), "--against", str(old)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_buf_breaking_fails_when_a_field_number_changes(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(ROOT / "protos", old)
+    shutil.copytree(ROOT / "protos", new)
+    same = _buf_breaking(new, old)
+    assert same.returncode == 0, same.stdout + same.stderr  # the check passes an unchanged contract
+
+    contract = new / "toolchain" / "v1" / "toolchain.proto"
+    text = contract.read_text()
+    assert text.count("string user_prompt = 3;") == 1
+    contract.write_text(text.replace("string user_prompt = 3;", "string user_prompt = 30;"))
+    changed = _buf_breaking(new, old)
+    assert changed.returncode != 0
+    assert 'Previously present field "3" with name "user_prompt" on message "StageRequest"' in changed.stdout
