@@ -112,8 +112,8 @@ async def test_rate_limit_without_retry_after_is_still_retryable(faults: Faults,
     h.fake.script(ErrorReply(429))
     outcome = await run(h, mode)
     assert_failed(outcome, UNAVAILABLE, "BACKEND_RATE_LIMITED", retryable=True, message="rate limiting")
-    if outcome.events:
-        assert not outcome.error.HasField("retry_delay")  # the server does not know when
+    if outcome.events:  # the backend named no delay: the default, the same as the status's RetryInfo
+        assert outcome.error.retry_delay.ToNanoseconds() == 1_000_000_000
 
 
 @pytest.mark.parametrize("mode", MODES)

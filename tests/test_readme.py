@@ -43,6 +43,19 @@ async def live() -> AsyncIterator[dict[str, str]]:
         yield env
 
 
+_SAME = re.compile(r"<!-- same as: (\S+) -->\n```\w+\n(.*?)\n```", re.S)
+
+
+def test_the_readme_examples_are_the_example_files_that_ci_runs() -> None:
+    text = (ROOT / "README.md").read_text()
+    pairs = _SAME.findall(text)
+    assert len(pairs) == text.count("<!-- same as: ") >= 3
+    for path, code in pairs:
+        assert (ROOT / path).read_text().rstrip("\n") == code, (
+            f"README's copy of {path} differs from the file"
+        )
+
+
 def test_the_readme_has_checked_blocks_in_every_language() -> None:
     assert {lang for lang, _ in BLOCKS} >= {"bash", "python"}
     assert len(BLOCKS) >= 5

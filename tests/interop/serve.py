@@ -126,7 +126,7 @@ class InteropBackend:
         try:
             await response.prepare(request)
             if stream:
-                (first, *_) = text_chunks("thinking", pieces=1)
+                _role, first, *_ = text_chunks("thinking", pieces=1)  # the first chunk carries the role only
                 first["choices"][0]["finish_reason"] = None
                 await response.write(b"data: " + json.dumps(first).encode() + b"\n\n")
             await asyncio.Event().wait()  # until the server closes the request

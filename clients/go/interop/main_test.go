@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -42,6 +43,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	if len(missing) > 0 {
+		slices.Sort(missing)
 		fmt.Fprintf(os.Stderr, "FAIL: the interop tests need %s: run them through python -m tests.interop.serve, e.g.\n"+
 			"  cd <repo> && .venv/bin/python -m tests.interop.serve -- bash -c 'cd clients/go && go test -count=1 ./...'\n",
 			strings.Join(missing, ", "))

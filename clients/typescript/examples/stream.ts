@@ -1,5 +1,7 @@
 // Streams one StreamSynthesis stage and prints it as it arrives.
 //   TOOLCHAIN_ADDR=127.0.0.1:50051 [TOOLCHAIN_TOKEN=...] node dist/examples/stream.js
+import { toJson } from "@bufbuild/protobuf";
+import { ValueSchema } from "@bufbuild/protobuf/wkt";
 import { createToolchainClient, ToolchainError } from "@toolchain-grpc/client";
 
 const client = createToolchainClient({
@@ -19,7 +21,7 @@ try {
         break;
       case "toolSummary":
         for (const r of event.value.results) {
-          console.log(`\n[${r.toolName}(${r.arguments}) -> ${JSON.stringify(r.result)}]`);
+          console.log(`\n[${r.toolName}(${r.arguments}) -> ${r.result ? JSON.stringify(toJson(ValueSchema, r.result)) : r.error}]`);
         }
         break;
       case "done":

@@ -302,7 +302,10 @@ export class StageStream implements AsyncIterable<StageEvent> {
       }
     } finally {
       // Leaving early (break, a violation, an error thrown by the consumer) cancels the call.
-      if (terminal === undefined && failure === undefined) this.#controller.abort();
+      if (terminal === undefined && failure === undefined) {
+        this.#controller.abort();
+        iterator.return?.().catch(() => {});
+      }
     }
 
     if (failure !== undefined) {

@@ -35,24 +35,24 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	var calls toolchain.ToolCalls // assembles the streamed tool-call deltas
 	for event, err := range stream.All() {
 		if err != nil {
-			log.Fatal(err) // *toolchain.Error (code, reason, retry delay...) or *toolchain.ProtocolError
+			log.Fatal(err) // a *toolchain.Error (code, reason, retry delay, ...) or *toolchain.ProtocolError
 		}
 		switch e := event.Event.(type) {
 		case *pb.StageEvent_Chunk:
-			for _, call := range e.Chunk.GetToolCalls() {
-				fmt.Printf("[%s] tool call %d %s%s\n", e.Chunk.GetPhase(), call.GetIndex(), call.GetName(), call.GetArgumentsFragment())
-			}
-			if e.Chunk.GetContent() != "" {
-				fmt.Printf("[%s] %q\n", e.Chunk.GetPhase(), e.Chunk.GetContent())
-			}
+			calls.Add(e.Chunk)
+			fmt.Print(e.Chunk.GetContent())
 		case *pb.StageEvent_ToolSummary:
+			for _, call := range calls.List() {
+				fmt.Printf("model called %s %s\n", call.Name, call.Arguments)
+			}
 			for _, r := range e.ToolSummary.GetResults() {
-				fmt.Printf("tool %s(%s): %s %v\n", r.GetToolName(), r.GetArguments(), r.GetOutcome(), r.GetResult().AsInterface())
+				fmt.Printf("tool %s: %s %v\n", r.GetToolName(), r.GetOutcome(), r.GetResult().AsInterface())
 			}
 		case *pb.StageEvent_Done:
-			fmt.Println("final text:", e.Done.GetText())
+			fmt.Println("\nfinal text:", e.Done.GetText())
 		}
 	}
 }

@@ -1,6 +1,5 @@
 package io.toolchaingrpc.client.examples;
 
-import com.google.protobuf.TextFormat;
 import io.toolchaingrpc.client.StageStream;
 import io.toolchaingrpc.client.ToolchainClient;
 import io.toolchaingrpc.client.ToolchainException;
@@ -24,7 +23,7 @@ public final class StreamExample {
           case CHUNK -> System.out.print(event.getChunk().getContent());
           case TOOL_SUMMARY -> {
             for (ToolCallResult r : event.getToolSummary().getResultsList()) {
-              System.out.printf("%n[tool %s %s -> %s]%n", r.getToolName(), r.getArguments(), TextFormat.shortDebugString(r.getResult()));
+              System.out.printf("[tool %s(%s): %s]%n", r.getToolName(), r.getArguments(), r.getOutcome());
             }
           }
           case DONE -> System.out.printf("%nfinal text: %s%n", event.getDone().getText());
