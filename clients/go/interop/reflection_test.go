@@ -122,3 +122,12 @@ func TestReflectionV1Alpha(t *testing.T) {
 		t.Fatalf("v1alpha ListServices %v", names)
 	}
 }
+
+// With auth on, reflection answers without a token (as health does): tools such
+// as grpcurl ask it before every call, so a token-less health check works.
+func TestReflectionNeedsNoTokenWithAuthOn(t *testing.T) {
+	client := dial(t, env["TOOLCHAIN_AUTH_ADDR"]) // no WithToken
+	if services := listServices(t, client); !contains(services, "toolchain.v1.ToolchainService") {
+		t.Fatalf("ListServices on the auth server without a token: %v", services)
+	}
+}
