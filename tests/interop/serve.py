@@ -22,6 +22,10 @@ The fake answers by markers in the user prompt (clients/*/ tests rely on exactly
                      request; /interop/closed?tag=T reports when it did
     [unavailable]    HTTP 503 with Retry-After: 3
     [ratelimited]    HTTP 429 with Retry-After: 2
+    [rounds3]        one calculator call per tool round, as many rounds as it is asked:
+                     "1+1" (id call_r1), then "2*3" (call_r2), then "6*7" (call_r3);
+                     asked again with tools offered after three results, or without
+                     tools (synthesis): "After three rounds: 42."
 
 After the command, the harness checks that every server is idle (no stage left running) and
 fails otherwise, so a client that leaks calls is caught too.
@@ -53,6 +57,8 @@ TOKEN = "interop-token-3b7e"
 CALC_ARGS = '{"expression": "6*7"}'
 ANSWER = "The answer is 42."
 TEXT = "Hello from the fake model."
+ROUND_CALLS = ('{"expression": "1+1"}', '{"expression": "2*3"}', '{"expression": "6*7"}')
+ROUNDS_ANSWER = "After three rounds: 42."
 _HANG = re.compile(r"\[hang tag=([^\]\s]+)\]")
 _SSE = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
@@ -106,6 +112,8 @@ class InteropBackend:
         hang = _HANG.search(prompt)
         if hang:
             return await self._hang(request, hang.group(1), stream)
+        if "[rounds3]" in prompt:
+            return await self._rounds(request, messages, synthesis, stream)
         if "[text]" in prompt or synthesis:
             text, usage = (TEXT, (20, 6)) if "[text]" in prompt else (ANSWER, (40, 5))
             if not stream:
@@ -118,6 +126,21 @@ class InteropBackend:
         return await _sse(
             request, tool_call_chunks([("calculator", CALC_ARGS)], ids=["call_calc"], usage=(30, 8))
         )
+
+    async def _rounds(
+        self, request: web.Request, messages: list[dict[str, Any]], synthesis: bool, stream: bool
+    ) -> web.StreamResponse:
+        done = sum(1 for m in messages if m.get("role") == "tool")
+        if synthesis or done >= len(ROUND_CALLS):
+            if not stream:
+                return web.json_response(completion(ROUNDS_ANSWER, usage=(90, 7)))
+            return await _sse(request, text_chunks(ROUNDS_ANSWER, pieces=3, usage=(90, 7)))
+        args, call_id = ROUND_CALLS[done], f"call_r{done + 1}"
+        if not stream:
+            return web.json_response(
+                completion(tool_calls=[call("calculator", args, id=call_id)], usage=(50, 9))
+            )
+        return await _sse(request, tool_call_chunks([("calculator", args)], ids=[call_id], usage=(50, 9)))
 
     async def _hang(self, request: web.Request, tag: str, stream: bool) -> web.StreamResponse:
         closed = self._event(tag)

@@ -71,6 +71,65 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ToolChoiceMode is what the model must do about the offered tools.
+type ToolChoiceMode int32
+
+const (
+	// Not set: auto.
+	ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED ToolChoiceMode = 0
+	// The model decides whether to call tools.
+	ToolChoiceMode_TOOL_CHOICE_MODE_AUTO ToolChoiceMode = 1
+	// The model must call at least one tool. A backend that cannot enforce it
+	// is asked with "auto" and the tools the stage allows; if it then calls no
+	// tool, the round simply has no calls (the stage does not fail).
+	ToolChoiceMode_TOOL_CHOICE_MODE_REQUIRED ToolChoiceMode = 2
+	// The model must not call a tool: the tools are not offered at all.
+	ToolChoiceMode_TOOL_CHOICE_MODE_NONE ToolChoiceMode = 3
+)
+
+// Enum value maps for ToolChoiceMode.
+var (
+	ToolChoiceMode_name = map[int32]string{
+		0: "TOOL_CHOICE_MODE_UNSPECIFIED",
+		1: "TOOL_CHOICE_MODE_AUTO",
+		2: "TOOL_CHOICE_MODE_REQUIRED",
+		3: "TOOL_CHOICE_MODE_NONE",
+	}
+	ToolChoiceMode_value = map[string]int32{
+		"TOOL_CHOICE_MODE_UNSPECIFIED": 0,
+		"TOOL_CHOICE_MODE_AUTO":        1,
+		"TOOL_CHOICE_MODE_REQUIRED":    2,
+		"TOOL_CHOICE_MODE_NONE":        3,
+	}
+)
+
+func (x ToolChoiceMode) Enum() *ToolChoiceMode {
+	p := new(ToolChoiceMode)
+	*p = x
+	return p
+}
+
+func (x ToolChoiceMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ToolChoiceMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_toolchain_v1_toolchain_proto_enumTypes[0].Descriptor()
+}
+
+func (ToolChoiceMode) Type() protoreflect.EnumType {
+	return &file_toolchain_v1_toolchain_proto_enumTypes[0]
+}
+
+func (x ToolChoiceMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ToolChoiceMode.Descriptor instead.
+func (ToolChoiceMode) EnumDescriptor() ([]byte, []int) {
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{0}
+}
+
 // Phase names the two model calls of a stage.
 type Phase int32
 
@@ -108,11 +167,11 @@ func (x Phase) String() string {
 }
 
 func (Phase) Descriptor() protoreflect.EnumDescriptor {
-	return file_toolchain_v1_toolchain_proto_enumTypes[0].Descriptor()
+	return file_toolchain_v1_toolchain_proto_enumTypes[1].Descriptor()
 }
 
 func (Phase) Type() protoreflect.EnumType {
-	return &file_toolchain_v1_toolchain_proto_enumTypes[0]
+	return &file_toolchain_v1_toolchain_proto_enumTypes[1]
 }
 
 func (x Phase) Number() protoreflect.EnumNumber {
@@ -121,7 +180,7 @@ func (x Phase) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Phase.Descriptor instead.
 func (Phase) EnumDescriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{0}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{1}
 }
 
 // ToolOutcome says what became of one tool call.
@@ -177,11 +236,11 @@ func (x ToolOutcome) String() string {
 }
 
 func (ToolOutcome) Descriptor() protoreflect.EnumDescriptor {
-	return file_toolchain_v1_toolchain_proto_enumTypes[1].Descriptor()
+	return file_toolchain_v1_toolchain_proto_enumTypes[2].Descriptor()
 }
 
 func (ToolOutcome) Type() protoreflect.EnumType {
-	return &file_toolchain_v1_toolchain_proto_enumTypes[1]
+	return &file_toolchain_v1_toolchain_proto_enumTypes[2]
 }
 
 func (x ToolOutcome) Number() protoreflect.EnumNumber {
@@ -190,7 +249,7 @@ func (x ToolOutcome) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ToolOutcome.Descriptor instead.
 func (ToolOutcome) EnumDescriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{1}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{2}
 }
 
 // CancelReason says who cancelled a stage.
@@ -238,11 +297,11 @@ func (x CancelReason) String() string {
 }
 
 func (CancelReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_toolchain_v1_toolchain_proto_enumTypes[2].Descriptor()
+	return file_toolchain_v1_toolchain_proto_enumTypes[3].Descriptor()
 }
 
 func (CancelReason) Type() protoreflect.EnumType {
-	return &file_toolchain_v1_toolchain_proto_enumTypes[2]
+	return &file_toolchain_v1_toolchain_proto_enumTypes[3]
 }
 
 func (x CancelReason) Number() protoreflect.EnumNumber {
@@ -251,7 +310,7 @@ func (x CancelReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use CancelReason.Descriptor instead.
 func (CancelReason) EnumDescriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{2}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{3}
 }
 
 // StageRequest describes one stage; the four stage RPCs all carry it.
@@ -281,9 +340,31 @@ type StageRequest struct {
 	SynthesisPhase *PhaseOptions `protobuf:"bytes,7,opt,name=synthesis_phase,json=synthesisPhase,proto3" json:"synthesis_phase,omitempty"`
 	// Names of the tools the model may call in this stage. Empty: every tool the
 	// server offers. Unknown names fail the request with NOT_FOUND.
-	Tools         []string `protobuf:"bytes,8,rep,name=tools,proto3" json:"tools,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Tools []string `protobuf:"bytes,8,rep,name=tools,proto3" json:"tools,omitempty"`
+	// How many tool rounds the model may have, 1 to the server's max_rounds
+	// ceiling (configuration `max_rounds`); unset: the server's default_rounds
+	// (1 unless configured). A round is one model call with the tools offered,
+	// then its valid calls executed. After a round with calls, the next round
+	// sends the model every result so far, with the tools still offered, so it
+	// may call more; a round without calls ends the loop and its text is the
+	// answer (Done.text; no synthesis phase). When the last allowed round still
+	// made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+	// synthesis phase (tools not offered) on all results, tools-only RPCs end
+	// with that round's text. 1 is the classic two-phase stage.
+	MaxRounds *int32 `protobuf:"varint,9,opt,name=max_rounds,json=maxRounds,proto3,oneof" json:"max_rounds,omitempty"`
+	// What the model must do about tools in the first round; later rounds are
+	// always "auto", so that a required or named choice cannot loop. Unset:
+	// auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+	ToolChoice *ToolChoice `protobuf:"bytes,10,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
+	// Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+	// UNKNOWN_TOOL) leads to another round in which the model sees the
+	// validation errors as those calls' results and may correct them, within
+	// max_rounds. Off: such a round ends the loop like a round without calls
+	// when none of its calls was executed. Each attempt is in its own round's
+	// ToolSummary.
+	RepairInvalidCalls bool `protobuf:"varint,11,opt,name=repair_invalid_calls,json=repairInvalidCalls,proto3" json:"repair_invalid_calls,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *StageRequest) Reset() {
@@ -372,6 +453,116 @@ func (x *StageRequest) GetTools() []string {
 	return nil
 }
 
+func (x *StageRequest) GetMaxRounds() int32 {
+	if x != nil && x.MaxRounds != nil {
+		return *x.MaxRounds
+	}
+	return 0
+}
+
+func (x *StageRequest) GetToolChoice() *ToolChoice {
+	if x != nil {
+		return x.ToolChoice
+	}
+	return nil
+}
+
+func (x *StageRequest) GetRepairInvalidCalls() bool {
+	if x != nil {
+		return x.RepairInvalidCalls
+	}
+	return false
+}
+
+// ToolChoice is a mode, or one tool the model must call.
+type ToolChoice struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Exactly one is set.
+	//
+	// Types that are valid to be assigned to Choice:
+	//
+	//	*ToolChoice_Mode
+	//	*ToolChoice_Tool
+	Choice        isToolChoice_Choice `protobuf_oneof:"choice"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ToolChoice) Reset() {
+	*x = ToolChoice{}
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ToolChoice) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ToolChoice) ProtoMessage() {}
+
+func (x *ToolChoice) ProtoReflect() protoreflect.Message {
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ToolChoice.ProtoReflect.Descriptor instead.
+func (*ToolChoice) Descriptor() ([]byte, []int) {
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ToolChoice) GetChoice() isToolChoice_Choice {
+	if x != nil {
+		return x.Choice
+	}
+	return nil
+}
+
+func (x *ToolChoice) GetMode() ToolChoiceMode {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Mode); ok {
+			return x.Mode
+		}
+	}
+	return ToolChoiceMode_TOOL_CHOICE_MODE_UNSPECIFIED
+}
+
+func (x *ToolChoice) GetTool() string {
+	if x != nil {
+		if x, ok := x.Choice.(*ToolChoice_Tool); ok {
+			return x.Tool
+		}
+	}
+	return ""
+}
+
+type isToolChoice_Choice interface {
+	isToolChoice_Choice()
+}
+
+type ToolChoice_Mode struct {
+	// auto, required or none.
+	Mode ToolChoiceMode `protobuf:"varint,1,opt,name=mode,proto3,enum=toolchain.v1.ToolChoiceMode,oneof"`
+}
+
+type ToolChoice_Tool struct {
+	// The name of the one tool the model must call; only that tool is
+	// offered. A backend that cannot force a named call is asked with "auto"
+	// and only that tool.
+	Tool string `protobuf:"bytes,2,opt,name=tool,proto3,oneof"`
+}
+
+func (*ToolChoice_Mode) isToolChoice_Choice() {}
+
+func (*ToolChoice_Tool) isToolChoice_Choice() {}
+
 // PhaseOptions tunes one model call.
 type PhaseOptions struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -386,7 +577,7 @@ type PhaseOptions struct {
 
 func (x *PhaseOptions) Reset() {
 	*x = PhaseOptions{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[1]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +589,7 @@ func (x *PhaseOptions) String() string {
 func (*PhaseOptions) ProtoMessage() {}
 
 func (x *PhaseOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[1]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +602,7 @@ func (x *PhaseOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PhaseOptions.ProtoReflect.Descriptor instead.
 func (*PhaseOptions) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{1}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *PhaseOptions) GetMaxTokens() int32 {
@@ -439,7 +630,7 @@ type RunToolsRequest struct {
 
 func (x *RunToolsRequest) Reset() {
 	*x = RunToolsRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[2]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -451,7 +642,7 @@ func (x *RunToolsRequest) String() string {
 func (*RunToolsRequest) ProtoMessage() {}
 
 func (x *RunToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[2]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -464,7 +655,7 @@ func (x *RunToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunToolsRequest.ProtoReflect.Descriptor instead.
 func (*RunToolsRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{2}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RunToolsRequest) GetStage() *StageRequest {
@@ -485,15 +676,24 @@ type RunToolsResponse struct {
 	// Text the model wrote in the tool phase besides its tool calls (often
 	// empty; the answer itself when the model called no tool).
 	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
-	// Statistics of the tool phase.
-	ToolPhase     *PhaseStats `protobuf:"bytes,4,opt,name=tool_phase,json=toolPhase,proto3" json:"tool_phase,omitempty"`
+	// Statistics of the tool phase: of its one round, or of all its rounds
+	// together (usage, duration and retries summed; the last round's finish
+	// reason).
+	ToolPhase *PhaseStats `protobuf:"bytes,4,opt,name=tool_phase,json=toolPhase,proto3" json:"tool_phase,omitempty"`
+	// Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+	ToolRounds []*PhaseStats `protobuf:"bytes,5,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
+	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	RoundsExhausted bool `protobuf:"varint,6,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
+	// Token usage of every model call of the stage together; unset when the
+	// backend reported none.
+	TotalUsage    *Usage `protobuf:"bytes,7,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RunToolsResponse) Reset() {
 	*x = RunToolsResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[3]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -505,7 +705,7 @@ func (x *RunToolsResponse) String() string {
 func (*RunToolsResponse) ProtoMessage() {}
 
 func (x *RunToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[3]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -518,7 +718,7 @@ func (x *RunToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunToolsResponse.ProtoReflect.Descriptor instead.
 func (*RunToolsResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{3}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RunToolsResponse) GetStageId() string {
@@ -549,6 +749,27 @@ func (x *RunToolsResponse) GetToolPhase() *PhaseStats {
 	return nil
 }
 
+func (x *RunToolsResponse) GetToolRounds() []*PhaseStats {
+	if x != nil {
+		return x.ToolRounds
+	}
+	return nil
+}
+
+func (x *RunToolsResponse) GetRoundsExhausted() bool {
+	if x != nil {
+		return x.RoundsExhausted
+	}
+	return false
+}
+
+func (x *RunToolsResponse) GetTotalUsage() *Usage {
+	if x != nil {
+		return x.TotalUsage
+	}
+	return nil
+}
+
 // RunSynthesisRequest is the request of RunSynthesis.
 type RunSynthesisRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -560,7 +781,7 @@ type RunSynthesisRequest struct {
 
 func (x *RunSynthesisRequest) Reset() {
 	*x = RunSynthesisRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[4]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +793,7 @@ func (x *RunSynthesisRequest) String() string {
 func (*RunSynthesisRequest) ProtoMessage() {}
 
 func (x *RunSynthesisRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[4]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +806,7 @@ func (x *RunSynthesisRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunSynthesisRequest.ProtoReflect.Descriptor instead.
 func (*RunSynthesisRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{4}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RunSynthesisRequest) GetStage() *StageRequest {
@@ -610,13 +831,20 @@ type RunSynthesisResponse struct {
 	// Statistics of the synthesis phase; unset when it was skipped because the
 	// model called no tool.
 	SynthesisPhase *PhaseStats `protobuf:"bytes,5,opt,name=synthesis_phase,json=synthesisPhase,proto3" json:"synthesis_phase,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Statistics of each tool round, in order.
+	ToolRounds []*PhaseStats `protobuf:"bytes,6,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
+	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	RoundsExhausted bool `protobuf:"varint,7,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
+	// Token usage of every model call of the stage together; unset when the
+	// backend reported none.
+	TotalUsage    *Usage `protobuf:"bytes,8,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RunSynthesisResponse) Reset() {
 	*x = RunSynthesisResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[5]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -628,7 +856,7 @@ func (x *RunSynthesisResponse) String() string {
 func (*RunSynthesisResponse) ProtoMessage() {}
 
 func (x *RunSynthesisResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[5]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -641,7 +869,7 @@ func (x *RunSynthesisResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunSynthesisResponse.ProtoReflect.Descriptor instead.
 func (*RunSynthesisResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{5}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RunSynthesisResponse) GetStageId() string {
@@ -679,6 +907,27 @@ func (x *RunSynthesisResponse) GetSynthesisPhase() *PhaseStats {
 	return nil
 }
 
+func (x *RunSynthesisResponse) GetToolRounds() []*PhaseStats {
+	if x != nil {
+		return x.ToolRounds
+	}
+	return nil
+}
+
+func (x *RunSynthesisResponse) GetRoundsExhausted() bool {
+	if x != nil {
+		return x.RoundsExhausted
+	}
+	return false
+}
+
+func (x *RunSynthesisResponse) GetTotalUsage() *Usage {
+	if x != nil {
+		return x.TotalUsage
+	}
+	return nil
+}
+
 // StreamToolsRequest is the request of StreamTools.
 type StreamToolsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -690,7 +939,7 @@ type StreamToolsRequest struct {
 
 func (x *StreamToolsRequest) Reset() {
 	*x = StreamToolsRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[6]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -702,7 +951,7 @@ func (x *StreamToolsRequest) String() string {
 func (*StreamToolsRequest) ProtoMessage() {}
 
 func (x *StreamToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[6]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -715,7 +964,7 @@ func (x *StreamToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamToolsRequest.ProtoReflect.Descriptor instead.
 func (*StreamToolsRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{6}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StreamToolsRequest) GetStage() *StageRequest {
@@ -736,7 +985,7 @@ type StreamToolsResponse struct {
 
 func (x *StreamToolsResponse) Reset() {
 	*x = StreamToolsResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[7]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -748,7 +997,7 @@ func (x *StreamToolsResponse) String() string {
 func (*StreamToolsResponse) ProtoMessage() {}
 
 func (x *StreamToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[7]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -761,7 +1010,7 @@ func (x *StreamToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamToolsResponse.ProtoReflect.Descriptor instead.
 func (*StreamToolsResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{7}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *StreamToolsResponse) GetEvent() *StageEvent {
@@ -782,7 +1031,7 @@ type StreamSynthesisRequest struct {
 
 func (x *StreamSynthesisRequest) Reset() {
 	*x = StreamSynthesisRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[8]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +1043,7 @@ func (x *StreamSynthesisRequest) String() string {
 func (*StreamSynthesisRequest) ProtoMessage() {}
 
 func (x *StreamSynthesisRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[8]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +1056,7 @@ func (x *StreamSynthesisRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamSynthesisRequest.ProtoReflect.Descriptor instead.
 func (*StreamSynthesisRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{8}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StreamSynthesisRequest) GetStage() *StageRequest {
@@ -828,7 +1077,7 @@ type StreamSynthesisResponse struct {
 
 func (x *StreamSynthesisResponse) Reset() {
 	*x = StreamSynthesisResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[9]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -840,7 +1089,7 @@ func (x *StreamSynthesisResponse) String() string {
 func (*StreamSynthesisResponse) ProtoMessage() {}
 
 func (x *StreamSynthesisResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[9]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -853,7 +1102,7 @@ func (x *StreamSynthesisResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamSynthesisResponse.ProtoReflect.Descriptor instead.
 func (*StreamSynthesisResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{9}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StreamSynthesisResponse) GetEvent() *StageEvent {
@@ -863,9 +1112,10 @@ func (x *StreamSynthesisResponse) GetEvent() *StageEvent {
 	return nil
 }
 
-// StageEvent is one event of a streamed stage. A stream is: Chunk events of the
-// tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
-// RPCs only), then exactly one of Done, Cancel or StageError, after which the
+// StageEvent is one event of a streamed stage. A stream is: for each tool
+// round (one unless StageRequest.max_rounds allows more), Chunk events of that
+// round then its ToolSummary; Chunk events of the synthesis phase (synthesis
+// RPCs only); then exactly one of Done, Cancel or StageError, after which the
 // stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
 // the error's code). A stream that fails before the tool phase ends has no
 // ToolSummary.
@@ -891,7 +1141,7 @@ type StageEvent struct {
 
 func (x *StageEvent) Reset() {
 	*x = StageEvent{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[10]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -903,7 +1153,7 @@ func (x *StageEvent) String() string {
 func (*StageEvent) ProtoMessage() {}
 
 func (x *StageEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[10]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -916,7 +1166,7 @@ func (x *StageEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageEvent.ProtoReflect.Descriptor instead.
 func (*StageEvent) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{10}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *StageEvent) GetStageId() string {
@@ -995,7 +1245,7 @@ type StageEvent_Chunk struct {
 }
 
 type StageEvent_ToolSummary struct {
-	// The tool calls of the tool phase and their results; sent once.
+	// The tool calls of one tool round and their results; once per round.
 	ToolSummary *ToolSummary `protobuf:"bytes,4,opt,name=tool_summary,json=toolSummary,proto3,oneof"`
 }
 
@@ -1036,14 +1286,17 @@ type Chunk struct {
 	ToolCalls []*ToolCallDelta `protobuf:"bytes,3,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
 	// Why the model stopped ("stop", "tool_calls", "length", ...), set on the
 	// last chunk of a phase when the backend reports it.
-	FinishReason  string `protobuf:"bytes,4,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
+	FinishReason string `protobuf:"bytes,4,opt,name=finish_reason,json=finishReason,proto3" json:"finish_reason,omitempty"`
+	// The tool round that produced it, from 1 (phase TOOL); for phase
+	// SYNTHESIS, the number of the last tool round plus one.
+	Round         int32 `protobuf:"varint,5,opt,name=round,proto3" json:"round,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Chunk) Reset() {
 	*x = Chunk{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[11]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1308,7 @@ func (x *Chunk) String() string {
 func (*Chunk) ProtoMessage() {}
 
 func (x *Chunk) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[11]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1321,7 @@ func (x *Chunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Chunk.ProtoReflect.Descriptor instead.
 func (*Chunk) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{11}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Chunk) GetPhase() Phase {
@@ -1099,6 +1352,13 @@ func (x *Chunk) GetFinishReason() string {
 	return ""
 }
 
+func (x *Chunk) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
 // ToolCallDelta is a fragment of one streamed tool call.
 type ToolCallDelta struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1116,7 +1376,7 @@ type ToolCallDelta struct {
 
 func (x *ToolCallDelta) Reset() {
 	*x = ToolCallDelta{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[12]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1128,7 +1388,7 @@ func (x *ToolCallDelta) String() string {
 func (*ToolCallDelta) ProtoMessage() {}
 
 func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[12]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1141,7 +1401,7 @@ func (x *ToolCallDelta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallDelta.ProtoReflect.Descriptor instead.
 func (*ToolCallDelta) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{12}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ToolCallDelta) GetIndex() int32 {
@@ -1172,19 +1432,21 @@ func (x *ToolCallDelta) GetArgumentsFragment() string {
 	return ""
 }
 
-// ToolSummary lists every tool call of the tool phase with its outcome.
+// ToolSummary lists every tool call of one tool round with its outcome.
 type ToolSummary struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// One entry per call, in the model's order; empty when the model called no
 	// tool.
-	Results       []*ToolCallResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	Results []*ToolCallResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	// The tool round, from 1.
+	Round         int32 `protobuf:"varint,2,opt,name=round,proto3" json:"round,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ToolSummary) Reset() {
 	*x = ToolSummary{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[13]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1458,7 @@ func (x *ToolSummary) String() string {
 func (*ToolSummary) ProtoMessage() {}
 
 func (x *ToolSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[13]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1471,7 @@ func (x *ToolSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolSummary.ProtoReflect.Descriptor instead.
 func (*ToolSummary) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{13}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ToolSummary) GetResults() []*ToolCallResult {
@@ -1217,6 +1479,13 @@ func (x *ToolSummary) GetResults() []*ToolCallResult {
 		return x.Results
 	}
 	return nil
+}
+
+func (x *ToolSummary) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
 }
 
 // ToolCallResult is one tool call and its outcome.
@@ -1235,14 +1504,20 @@ type ToolCallResult struct {
 	// Why the call was not executed or failed; empty when OK.
 	Error string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
 	// Time the tool ran (zero when not executed).
-	Duration      *durationpb.Duration `protobuf:"bytes,7,opt,name=duration,proto3" json:"duration,omitempty"`
+	Duration *durationpb.Duration `protobuf:"bytes,7,opt,name=duration,proto3" json:"duration,omitempty"`
+	// The tool round of the call, from 1.
+	Round int32 `protobuf:"varint,8,opt,name=round,proto3" json:"round,omitempty"`
+	// The output was larger than the server passes on (configuration
+	// `tools.max_result_bytes`): `result` is a string holding the start of its
+	// JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+	Truncated     bool `protobuf:"varint,9,opt,name=truncated,proto3" json:"truncated,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ToolCallResult) Reset() {
 	*x = ToolCallResult{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[14]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1254,7 +1529,7 @@ func (x *ToolCallResult) String() string {
 func (*ToolCallResult) ProtoMessage() {}
 
 func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[14]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1267,7 +1542,7 @@ func (x *ToolCallResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolCallResult.ProtoReflect.Descriptor instead.
 func (*ToolCallResult) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{14}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ToolCallResult) GetCallId() string {
@@ -1319,6 +1594,20 @@ func (x *ToolCallResult) GetDuration() *durationpb.Duration {
 	return nil
 }
 
+func (x *ToolCallResult) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
+func (x *ToolCallResult) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
 // Usage counts the tokens of one model call, as the backend reported them.
 type Usage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1334,7 +1623,7 @@ type Usage struct {
 
 func (x *Usage) Reset() {
 	*x = Usage{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[15]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1346,7 +1635,7 @@ func (x *Usage) String() string {
 func (*Usage) ProtoMessage() {}
 
 func (x *Usage) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[15]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1359,7 +1648,7 @@ func (x *Usage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Usage.ProtoReflect.Descriptor instead.
 func (*Usage) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{15}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Usage) GetPromptTokens() int32 {
@@ -1396,14 +1685,16 @@ type PhaseStats struct {
 	// Backend calls retried after transient failures before any output.
 	Retries int32 `protobuf:"varint,4,opt,name=retries,proto3" json:"retries,omitempty"`
 	// The model that served the phase.
-	Model         string `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"`
+	Model string `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"`
+	// The tool round these statistics are of, from 1; 0 for a whole phase.
+	Round         int32 `protobuf:"varint,6,opt,name=round,proto3" json:"round,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PhaseStats) Reset() {
 	*x = PhaseStats{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[16]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1415,7 +1706,7 @@ func (x *PhaseStats) String() string {
 func (*PhaseStats) ProtoMessage() {}
 
 func (x *PhaseStats) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[16]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1428,7 +1719,7 @@ func (x *PhaseStats) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PhaseStats.ProtoReflect.Descriptor instead.
 func (*PhaseStats) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{16}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *PhaseStats) GetFinishReason() string {
@@ -1466,24 +1757,40 @@ func (x *PhaseStats) GetModel() string {
 	return ""
 }
 
+func (x *PhaseStats) GetRound() int32 {
+	if x != nil {
+		return x.Round
+	}
+	return 0
+}
+
 // Done ends a stage that finished.
 type Done struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Statistics of the tool phase.
+	// Statistics of the tool phase: of its one round, or of all its rounds
+	// together (usage, duration and retries summed; the last round's finish
+	// reason).
 	ToolPhase *PhaseStats `protobuf:"bytes,1,opt,name=tool_phase,json=toolPhase,proto3" json:"tool_phase,omitempty"`
 	// Statistics of the synthesis phase; unset for tools-only stages and when
 	// the model called no tool.
 	SynthesisPhase *PhaseStats `protobuf:"bytes,2,opt,name=synthesis_phase,json=synthesisPhase,proto3" json:"synthesis_phase,omitempty"`
-	// The whole final text: the synthesis answer, or the tool phase text when
-	// there was no synthesis phase.
-	Text          string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
+	// The whole final text: the synthesis answer, or the text of the last tool
+	// round when there was no synthesis phase.
+	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
+	// Statistics of each tool round, in order.
+	ToolRounds []*PhaseStats `protobuf:"bytes,4,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
+	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	RoundsExhausted bool `protobuf:"varint,5,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
+	// Token usage of every model call of the stage together; unset when the
+	// backend reported none.
+	TotalUsage    *Usage `protobuf:"bytes,6,opt,name=total_usage,json=totalUsage,proto3" json:"total_usage,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Done) Reset() {
 	*x = Done{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[17]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1495,7 +1802,7 @@ func (x *Done) String() string {
 func (*Done) ProtoMessage() {}
 
 func (x *Done) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[17]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1508,7 +1815,7 @@ func (x *Done) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Done.ProtoReflect.Descriptor instead.
 func (*Done) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{17}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Done) GetToolPhase() *PhaseStats {
@@ -1532,6 +1839,27 @@ func (x *Done) GetText() string {
 	return ""
 }
 
+func (x *Done) GetToolRounds() []*PhaseStats {
+	if x != nil {
+		return x.ToolRounds
+	}
+	return nil
+}
+
+func (x *Done) GetRoundsExhausted() bool {
+	if x != nil {
+		return x.RoundsExhausted
+	}
+	return false
+}
+
+func (x *Done) GetTotalUsage() *Usage {
+	if x != nil {
+		return x.TotalUsage
+	}
+	return nil
+}
+
 // Cancel ends a stage that was cancelled.
 type Cancel struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1545,7 +1873,7 @@ type Cancel struct {
 
 func (x *Cancel) Reset() {
 	*x = Cancel{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[18]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1885,7 @@ func (x *Cancel) String() string {
 func (*Cancel) ProtoMessage() {}
 
 func (x *Cancel) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[18]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1898,7 @@ func (x *Cancel) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Cancel.ProtoReflect.Descriptor instead.
 func (*Cancel) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{18}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Cancel) GetReason() CancelReason {
@@ -1618,7 +1946,7 @@ type StageError struct {
 
 func (x *StageError) Reset() {
 	*x = StageError{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[19]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1630,7 +1958,7 @@ func (x *StageError) String() string {
 func (*StageError) ProtoMessage() {}
 
 func (x *StageError) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[19]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1643,7 +1971,7 @@ func (x *StageError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageError.ProtoReflect.Descriptor instead.
 func (*StageError) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{19}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StageError) GetCode() int32 {
@@ -1706,7 +2034,7 @@ type CancelStageRequest struct {
 
 func (x *CancelStageRequest) Reset() {
 	*x = CancelStageRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[20]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1718,7 +2046,7 @@ func (x *CancelStageRequest) String() string {
 func (*CancelStageRequest) ProtoMessage() {}
 
 func (x *CancelStageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[20]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1731,7 +2059,7 @@ func (x *CancelStageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelStageRequest.ProtoReflect.Descriptor instead.
 func (*CancelStageRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{20}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelStageRequest) GetStageId() string {
@@ -1752,7 +2080,7 @@ type CancelStageResponse struct {
 
 func (x *CancelStageResponse) Reset() {
 	*x = CancelStageResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[21]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1764,7 +2092,7 @@ func (x *CancelStageResponse) String() string {
 func (*CancelStageResponse) ProtoMessage() {}
 
 func (x *CancelStageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[21]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1777,7 +2105,7 @@ func (x *CancelStageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelStageResponse.ProtoReflect.Descriptor instead.
 func (*CancelStageResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{21}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *CancelStageResponse) GetStageId() string {
@@ -1796,7 +2124,7 @@ type ListToolsRequest struct {
 
 func (x *ListToolsRequest) Reset() {
 	*x = ListToolsRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[22]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1808,7 +2136,7 @@ func (x *ListToolsRequest) String() string {
 func (*ListToolsRequest) ProtoMessage() {}
 
 func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[22]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1821,7 +2149,7 @@ func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
 func (*ListToolsRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{22}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{23}
 }
 
 // ListToolsResponse lists the server's tools.
@@ -1835,7 +2163,7 @@ type ListToolsResponse struct {
 
 func (x *ListToolsResponse) Reset() {
 	*x = ListToolsResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1847,7 +2175,7 @@ func (x *ListToolsResponse) String() string {
 func (*ListToolsResponse) ProtoMessage() {}
 
 func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1860,7 +2188,7 @@ func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
 func (*ListToolsResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{23}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListToolsResponse) GetTools() []*Tool {
@@ -1880,14 +2208,17 @@ type Tool struct {
 	// JSON schema of its arguments object.
 	ParametersSchema *structpb.Struct `protobuf:"bytes,3,opt,name=parameters_schema,json=parametersSchema,proto3" json:"parameters_schema,omitempty"`
 	// How long a call may run before it is cancelled (TIMED_OUT).
-	Timeout       *durationpb.Duration `protobuf:"bytes,5,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	Timeout *durationpb.Duration `protobuf:"bytes,5,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// Where the tool comes from: "builtin", "plugin:<distribution>" (a Python
+	// package's entry point) or "mcp:<server>" (a configured MCP server).
+	Source        string `protobuf:"bytes,6,opt,name=source,proto3" json:"source,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1899,7 +2230,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1912,7 +2243,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{24}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Tool) GetName() string {
@@ -1943,11 +2274,18 @@ func (x *Tool) GetTimeout() *durationpb.Duration {
 	return nil
 }
 
+func (x *Tool) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
 var File_toolchain_v1_toolchain_proto protoreflect.FileDescriptor
 
 const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\n" +
-	"\x1ctoolchain/v1/toolchain.proto\x12\ftoolchain.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1egoogle/rpc/error_details.proto\"\xb5\x02\n" +
+	"\x1ctoolchain/v1/toolchain.proto\x12\ftoolchain.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1egoogle/rpc/error_details.proto\"\xd5\x03\n" +
 	"\fStageRequest\x12\x19\n" +
 	"\bstage_id\x18\x01 \x01(\tR\astageId\x12#\n" +
 	"\rsystem_prompt\x18\x02 \x01(\tR\fsystemPrompt\x12\x1f\n" +
@@ -1958,7 +2296,19 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\n" +
 	"tool_phase\x18\x06 \x01(\v2\x1a.toolchain.v1.PhaseOptionsR\ttoolPhase\x12C\n" +
 	"\x0fsynthesis_phase\x18\a \x01(\v2\x1a.toolchain.v1.PhaseOptionsR\x0esynthesisPhase\x12\x14\n" +
-	"\x05tools\x18\b \x03(\tR\x05tools\"x\n" +
+	"\x05tools\x18\b \x03(\tR\x05tools\x12\"\n" +
+	"\n" +
+	"max_rounds\x18\t \x01(\x05H\x00R\tmaxRounds\x88\x01\x01\x129\n" +
+	"\vtool_choice\x18\n" +
+	" \x01(\v2\x18.toolchain.v1.ToolChoiceR\n" +
+	"toolChoice\x120\n" +
+	"\x14repair_invalid_calls\x18\v \x01(\bR\x12repairInvalidCallsB\r\n" +
+	"\v_max_rounds\"`\n" +
+	"\n" +
+	"ToolChoice\x122\n" +
+	"\x04mode\x18\x01 \x01(\x0e2\x1c.toolchain.v1.ToolChoiceModeH\x00R\x04mode\x12\x14\n" +
+	"\x04tool\x18\x02 \x01(\tH\x00R\x04toolB\b\n" +
+	"\x06choice\"x\n" +
 	"\fPhaseOptions\x12\"\n" +
 	"\n" +
 	"max_tokens\x18\x01 \x01(\x05H\x00R\tmaxTokens\x88\x01\x01\x12%\n" +
@@ -1966,22 +2316,32 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\v_max_tokensB\x0e\n" +
 	"\f_temperature\"C\n" +
 	"\x0fRunToolsRequest\x120\n" +
-	"\x05stage\x18\x01 \x01(\v2\x1a.toolchain.v1.StageRequestR\x05stage\"\xbb\x01\n" +
+	"\x05stage\x18\x01 \x01(\v2\x1a.toolchain.v1.StageRequestR\x05stage\"\xd7\x02\n" +
 	"\x10RunToolsResponse\x12\x19\n" +
 	"\bstage_id\x18\x01 \x01(\tR\astageId\x12?\n" +
 	"\ftool_results\x18\x02 \x03(\v2\x1c.toolchain.v1.ToolCallResultR\vtoolResults\x12\x12\n" +
 	"\x04text\x18\x03 \x01(\tR\x04text\x127\n" +
 	"\n" +
-	"tool_phase\x18\x04 \x01(\v2\x18.toolchain.v1.PhaseStatsR\ttoolPhase\"G\n" +
+	"tool_phase\x18\x04 \x01(\v2\x18.toolchain.v1.PhaseStatsR\ttoolPhase\x129\n" +
+	"\vtool_rounds\x18\x05 \x03(\v2\x18.toolchain.v1.PhaseStatsR\n" +
+	"toolRounds\x12)\n" +
+	"\x10rounds_exhausted\x18\x06 \x01(\bR\x0froundsExhausted\x124\n" +
+	"\vtotal_usage\x18\a \x01(\v2\x13.toolchain.v1.UsageR\n" +
+	"totalUsage\"G\n" +
 	"\x13RunSynthesisRequest\x120\n" +
-	"\x05stage\x18\x01 \x01(\v2\x1a.toolchain.v1.StageRequestR\x05stage\"\x82\x02\n" +
+	"\x05stage\x18\x01 \x01(\v2\x1a.toolchain.v1.StageRequestR\x05stage\"\x9e\x03\n" +
 	"\x14RunSynthesisResponse\x12\x19\n" +
 	"\bstage_id\x18\x01 \x01(\tR\astageId\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12?\n" +
 	"\ftool_results\x18\x03 \x03(\v2\x1c.toolchain.v1.ToolCallResultR\vtoolResults\x127\n" +
 	"\n" +
 	"tool_phase\x18\x04 \x01(\v2\x18.toolchain.v1.PhaseStatsR\ttoolPhase\x12A\n" +
-	"\x0fsynthesis_phase\x18\x05 \x01(\v2\x18.toolchain.v1.PhaseStatsR\x0esynthesisPhase\"F\n" +
+	"\x0fsynthesis_phase\x18\x05 \x01(\v2\x18.toolchain.v1.PhaseStatsR\x0esynthesisPhase\x129\n" +
+	"\vtool_rounds\x18\x06 \x03(\v2\x18.toolchain.v1.PhaseStatsR\n" +
+	"toolRounds\x12)\n" +
+	"\x10rounds_exhausted\x18\a \x01(\bR\x0froundsExhausted\x124\n" +
+	"\vtotal_usage\x18\b \x01(\v2\x13.toolchain.v1.UsageR\n" +
+	"totalUsage\"F\n" +
 	"\x12StreamToolsRequest\x120\n" +
 	"\x05stage\x18\x01 \x01(\v2\x1a.toolchain.v1.StageRequestR\x05stage\"E\n" +
 	"\x13StreamToolsResponse\x12.\n" +
@@ -1999,20 +2359,22 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\x04done\x18\x05 \x01(\v2\x12.toolchain.v1.DoneH\x00R\x04done\x12.\n" +
 	"\x06cancel\x18\x06 \x01(\v2\x14.toolchain.v1.CancelH\x00R\x06cancel\x120\n" +
 	"\x05error\x18\a \x01(\v2\x18.toolchain.v1.StageErrorH\x00R\x05errorB\a\n" +
-	"\x05event\"\xad\x01\n" +
+	"\x05event\"\xc3\x01\n" +
 	"\x05Chunk\x12)\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x13.toolchain.v1.PhaseR\x05phase\x12\x18\n" +
 	"\acontent\x18\x02 \x01(\tR\acontent\x12:\n" +
 	"\n" +
 	"tool_calls\x18\x03 \x03(\v2\x1b.toolchain.v1.ToolCallDeltaR\ttoolCalls\x12#\n" +
-	"\rfinish_reason\x18\x04 \x01(\tR\ffinishReason\"x\n" +
+	"\rfinish_reason\x18\x04 \x01(\tR\ffinishReason\x12\x14\n" +
+	"\x05round\x18\x05 \x01(\x05R\x05round\"x\n" +
 	"\rToolCallDelta\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12-\n" +
-	"\x12arguments_fragment\x18\x04 \x01(\tR\x11argumentsFragment\"E\n" +
+	"\x12arguments_fragment\x18\x04 \x01(\tR\x11argumentsFragment\"[\n" +
 	"\vToolSummary\x126\n" +
-	"\aresults\x18\x01 \x03(\v2\x1c.toolchain.v1.ToolCallResultR\aresults\"\x96\x02\n" +
+	"\aresults\x18\x01 \x03(\v2\x1c.toolchain.v1.ToolCallResultR\aresults\x12\x14\n" +
+	"\x05round\x18\x02 \x01(\x05R\x05round\"\xca\x02\n" +
 	"\x0eToolCallResult\x12\x17\n" +
 	"\acall_id\x18\x01 \x01(\tR\x06callId\x12\x1b\n" +
 	"\ttool_name\x18\x02 \x01(\tR\btoolName\x12\x1c\n" +
@@ -2020,23 +2382,31 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\aoutcome\x18\x04 \x01(\x0e2\x19.toolchain.v1.ToolOutcomeR\aoutcome\x12.\n" +
 	"\x06result\x18\x05 \x01(\v2\x16.google.protobuf.ValueR\x06result\x12\x14\n" +
 	"\x05error\x18\x06 \x01(\tR\x05error\x125\n" +
-	"\bduration\x18\a \x01(\v2\x19.google.protobuf.DurationR\bduration\"|\n" +
+	"\bduration\x18\a \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x14\n" +
+	"\x05round\x18\b \x01(\x05R\x05round\x12\x1c\n" +
+	"\ttruncated\x18\t \x01(\bR\ttruncated\"|\n" +
 	"\x05Usage\x12#\n" +
 	"\rprompt_tokens\x18\x01 \x01(\x05R\fpromptTokens\x12+\n" +
 	"\x11completion_tokens\x18\x02 \x01(\x05R\x10completionTokens\x12!\n" +
-	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"\xc3\x01\n" +
+	"\ftotal_tokens\x18\x03 \x01(\x05R\vtotalTokens\"\xd9\x01\n" +
 	"\n" +
 	"PhaseStats\x12#\n" +
 	"\rfinish_reason\x18\x01 \x01(\tR\ffinishReason\x12)\n" +
 	"\x05usage\x18\x02 \x01(\v2\x13.toolchain.v1.UsageR\x05usage\x125\n" +
 	"\bduration\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x18\n" +
 	"\aretries\x18\x04 \x01(\x05R\aretries\x12\x14\n" +
-	"\x05model\x18\x05 \x01(\tR\x05model\"\x96\x01\n" +
+	"\x05model\x18\x05 \x01(\tR\x05model\x12\x14\n" +
+	"\x05round\x18\x06 \x01(\x05R\x05round\"\xb2\x02\n" +
 	"\x04Done\x127\n" +
 	"\n" +
 	"tool_phase\x18\x01 \x01(\v2\x18.toolchain.v1.PhaseStatsR\ttoolPhase\x12A\n" +
 	"\x0fsynthesis_phase\x18\x02 \x01(\v2\x18.toolchain.v1.PhaseStatsR\x0esynthesisPhase\x12\x12\n" +
-	"\x04text\x18\x03 \x01(\tR\x04text\"V\n" +
+	"\x04text\x18\x03 \x01(\tR\x04text\x129\n" +
+	"\vtool_rounds\x18\x04 \x03(\v2\x18.toolchain.v1.PhaseStatsR\n" +
+	"toolRounds\x12)\n" +
+	"\x10rounds_exhausted\x18\x05 \x01(\bR\x0froundsExhausted\x124\n" +
+	"\vtotal_usage\x18\x06 \x01(\v2\x13.toolchain.v1.UsageR\n" +
+	"totalUsage\"V\n" +
 	"\x06Cancel\x122\n" +
 	"\x06reason\x18\x01 \x01(\x0e2\x1a.toolchain.v1.CancelReasonR\x06reason\x12\x18\n" +
 	"\amessage\x18\x02 \x01(\tR\amessage\"\xa9\x02\n" +
@@ -2056,12 +2426,18 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\bstage_id\x18\x01 \x01(\tR\astageId\"\x12\n" +
 	"\x10ListToolsRequest\"=\n" +
 	"\x11ListToolsResponse\x12(\n" +
-	"\x05tools\x18\x01 \x03(\v2\x12.toolchain.v1.ToolR\x05tools\"\xce\x01\n" +
+	"\x05tools\x18\x01 \x03(\v2\x12.toolchain.v1.ToolR\x05tools\"\xe6\x01\n" +
 	"\x04Tool\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
 	"\vdescription\x18\x02 \x01(\tR\vdescription\x12D\n" +
 	"\x11parameters_schema\x18\x03 \x01(\v2\x17.google.protobuf.StructR\x10parametersSchema\x123\n" +
-	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeoutJ\x04\b\x04\x10\x05R\x0ftimeout_seconds*C\n" +
+	"\atimeout\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x16\n" +
+	"\x06source\x18\x06 \x01(\tR\x06sourceJ\x04\b\x04\x10\x05R\x0ftimeout_seconds*\x87\x01\n" +
+	"\x0eToolChoiceMode\x12 \n" +
+	"\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x1d\n" +
+	"\x19TOOL_CHOICE_MODE_REQUIRED\x10\x02\x12\x19\n" +
+	"\x15TOOL_CHOICE_MODE_NONE\x10\x03*C\n" +
 	"\x05Phase\x12\x15\n" +
 	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -2102,95 +2478,105 @@ func file_toolchain_v1_toolchain_proto_rawDescGZIP() []byte {
 	return file_toolchain_v1_toolchain_proto_rawDescData
 }
 
-var file_toolchain_v1_toolchain_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_toolchain_v1_toolchain_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_toolchain_v1_toolchain_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_toolchain_v1_toolchain_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_toolchain_v1_toolchain_proto_goTypes = []any{
-	(Phase)(0),                                   // 0: toolchain.v1.Phase
-	(ToolOutcome)(0),                             // 1: toolchain.v1.ToolOutcome
-	(CancelReason)(0),                            // 2: toolchain.v1.CancelReason
-	(*StageRequest)(nil),                         // 3: toolchain.v1.StageRequest
-	(*PhaseOptions)(nil),                         // 4: toolchain.v1.PhaseOptions
-	(*RunToolsRequest)(nil),                      // 5: toolchain.v1.RunToolsRequest
-	(*RunToolsResponse)(nil),                     // 6: toolchain.v1.RunToolsResponse
-	(*RunSynthesisRequest)(nil),                  // 7: toolchain.v1.RunSynthesisRequest
-	(*RunSynthesisResponse)(nil),                 // 8: toolchain.v1.RunSynthesisResponse
-	(*StreamToolsRequest)(nil),                   // 9: toolchain.v1.StreamToolsRequest
-	(*StreamToolsResponse)(nil),                  // 10: toolchain.v1.StreamToolsResponse
-	(*StreamSynthesisRequest)(nil),               // 11: toolchain.v1.StreamSynthesisRequest
-	(*StreamSynthesisResponse)(nil),              // 12: toolchain.v1.StreamSynthesisResponse
-	(*StageEvent)(nil),                           // 13: toolchain.v1.StageEvent
-	(*Chunk)(nil),                                // 14: toolchain.v1.Chunk
-	(*ToolCallDelta)(nil),                        // 15: toolchain.v1.ToolCallDelta
-	(*ToolSummary)(nil),                          // 16: toolchain.v1.ToolSummary
-	(*ToolCallResult)(nil),                       // 17: toolchain.v1.ToolCallResult
-	(*Usage)(nil),                                // 18: toolchain.v1.Usage
-	(*PhaseStats)(nil),                           // 19: toolchain.v1.PhaseStats
-	(*Done)(nil),                                 // 20: toolchain.v1.Done
-	(*Cancel)(nil),                               // 21: toolchain.v1.Cancel
-	(*StageError)(nil),                           // 22: toolchain.v1.StageError
-	(*CancelStageRequest)(nil),                   // 23: toolchain.v1.CancelStageRequest
-	(*CancelStageResponse)(nil),                  // 24: toolchain.v1.CancelStageResponse
-	(*ListToolsRequest)(nil),                     // 25: toolchain.v1.ListToolsRequest
-	(*ListToolsResponse)(nil),                    // 26: toolchain.v1.ListToolsResponse
-	(*Tool)(nil),                                 // 27: toolchain.v1.Tool
-	(*structpb.Value)(nil),                       // 28: google.protobuf.Value
-	(*durationpb.Duration)(nil),                  // 29: google.protobuf.Duration
-	(*errdetails.BadRequest_FieldViolation)(nil), // 30: google.rpc.BadRequest.FieldViolation
-	(*structpb.Struct)(nil),                      // 31: google.protobuf.Struct
+	(ToolChoiceMode)(0),                          // 0: toolchain.v1.ToolChoiceMode
+	(Phase)(0),                                   // 1: toolchain.v1.Phase
+	(ToolOutcome)(0),                             // 2: toolchain.v1.ToolOutcome
+	(CancelReason)(0),                            // 3: toolchain.v1.CancelReason
+	(*StageRequest)(nil),                         // 4: toolchain.v1.StageRequest
+	(*ToolChoice)(nil),                           // 5: toolchain.v1.ToolChoice
+	(*PhaseOptions)(nil),                         // 6: toolchain.v1.PhaseOptions
+	(*RunToolsRequest)(nil),                      // 7: toolchain.v1.RunToolsRequest
+	(*RunToolsResponse)(nil),                     // 8: toolchain.v1.RunToolsResponse
+	(*RunSynthesisRequest)(nil),                  // 9: toolchain.v1.RunSynthesisRequest
+	(*RunSynthesisResponse)(nil),                 // 10: toolchain.v1.RunSynthesisResponse
+	(*StreamToolsRequest)(nil),                   // 11: toolchain.v1.StreamToolsRequest
+	(*StreamToolsResponse)(nil),                  // 12: toolchain.v1.StreamToolsResponse
+	(*StreamSynthesisRequest)(nil),               // 13: toolchain.v1.StreamSynthesisRequest
+	(*StreamSynthesisResponse)(nil),              // 14: toolchain.v1.StreamSynthesisResponse
+	(*StageEvent)(nil),                           // 15: toolchain.v1.StageEvent
+	(*Chunk)(nil),                                // 16: toolchain.v1.Chunk
+	(*ToolCallDelta)(nil),                        // 17: toolchain.v1.ToolCallDelta
+	(*ToolSummary)(nil),                          // 18: toolchain.v1.ToolSummary
+	(*ToolCallResult)(nil),                       // 19: toolchain.v1.ToolCallResult
+	(*Usage)(nil),                                // 20: toolchain.v1.Usage
+	(*PhaseStats)(nil),                           // 21: toolchain.v1.PhaseStats
+	(*Done)(nil),                                 // 22: toolchain.v1.Done
+	(*Cancel)(nil),                               // 23: toolchain.v1.Cancel
+	(*StageError)(nil),                           // 24: toolchain.v1.StageError
+	(*CancelStageRequest)(nil),                   // 25: toolchain.v1.CancelStageRequest
+	(*CancelStageResponse)(nil),                  // 26: toolchain.v1.CancelStageResponse
+	(*ListToolsRequest)(nil),                     // 27: toolchain.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),                    // 28: toolchain.v1.ListToolsResponse
+	(*Tool)(nil),                                 // 29: toolchain.v1.Tool
+	(*structpb.Value)(nil),                       // 30: google.protobuf.Value
+	(*durationpb.Duration)(nil),                  // 31: google.protobuf.Duration
+	(*errdetails.BadRequest_FieldViolation)(nil), // 32: google.rpc.BadRequest.FieldViolation
+	(*structpb.Struct)(nil),                      // 33: google.protobuf.Struct
 }
 var file_toolchain_v1_toolchain_proto_depIdxs = []int32{
-	4,  // 0: toolchain.v1.StageRequest.tool_phase:type_name -> toolchain.v1.PhaseOptions
-	4,  // 1: toolchain.v1.StageRequest.synthesis_phase:type_name -> toolchain.v1.PhaseOptions
-	3,  // 2: toolchain.v1.RunToolsRequest.stage:type_name -> toolchain.v1.StageRequest
-	17, // 3: toolchain.v1.RunToolsResponse.tool_results:type_name -> toolchain.v1.ToolCallResult
-	19, // 4: toolchain.v1.RunToolsResponse.tool_phase:type_name -> toolchain.v1.PhaseStats
-	3,  // 5: toolchain.v1.RunSynthesisRequest.stage:type_name -> toolchain.v1.StageRequest
-	17, // 6: toolchain.v1.RunSynthesisResponse.tool_results:type_name -> toolchain.v1.ToolCallResult
-	19, // 7: toolchain.v1.RunSynthesisResponse.tool_phase:type_name -> toolchain.v1.PhaseStats
-	19, // 8: toolchain.v1.RunSynthesisResponse.synthesis_phase:type_name -> toolchain.v1.PhaseStats
-	3,  // 9: toolchain.v1.StreamToolsRequest.stage:type_name -> toolchain.v1.StageRequest
-	13, // 10: toolchain.v1.StreamToolsResponse.event:type_name -> toolchain.v1.StageEvent
-	3,  // 11: toolchain.v1.StreamSynthesisRequest.stage:type_name -> toolchain.v1.StageRequest
-	13, // 12: toolchain.v1.StreamSynthesisResponse.event:type_name -> toolchain.v1.StageEvent
-	14, // 13: toolchain.v1.StageEvent.chunk:type_name -> toolchain.v1.Chunk
-	16, // 14: toolchain.v1.StageEvent.tool_summary:type_name -> toolchain.v1.ToolSummary
-	20, // 15: toolchain.v1.StageEvent.done:type_name -> toolchain.v1.Done
-	21, // 16: toolchain.v1.StageEvent.cancel:type_name -> toolchain.v1.Cancel
-	22, // 17: toolchain.v1.StageEvent.error:type_name -> toolchain.v1.StageError
-	0,  // 18: toolchain.v1.Chunk.phase:type_name -> toolchain.v1.Phase
-	15, // 19: toolchain.v1.Chunk.tool_calls:type_name -> toolchain.v1.ToolCallDelta
-	17, // 20: toolchain.v1.ToolSummary.results:type_name -> toolchain.v1.ToolCallResult
-	1,  // 21: toolchain.v1.ToolCallResult.outcome:type_name -> toolchain.v1.ToolOutcome
-	28, // 22: toolchain.v1.ToolCallResult.result:type_name -> google.protobuf.Value
-	29, // 23: toolchain.v1.ToolCallResult.duration:type_name -> google.protobuf.Duration
-	18, // 24: toolchain.v1.PhaseStats.usage:type_name -> toolchain.v1.Usage
-	29, // 25: toolchain.v1.PhaseStats.duration:type_name -> google.protobuf.Duration
-	19, // 26: toolchain.v1.Done.tool_phase:type_name -> toolchain.v1.PhaseStats
-	19, // 27: toolchain.v1.Done.synthesis_phase:type_name -> toolchain.v1.PhaseStats
-	2,  // 28: toolchain.v1.Cancel.reason:type_name -> toolchain.v1.CancelReason
-	0,  // 29: toolchain.v1.StageError.phase:type_name -> toolchain.v1.Phase
-	29, // 30: toolchain.v1.StageError.retry_delay:type_name -> google.protobuf.Duration
-	30, // 31: toolchain.v1.StageError.field_violations:type_name -> google.rpc.BadRequest.FieldViolation
-	27, // 32: toolchain.v1.ListToolsResponse.tools:type_name -> toolchain.v1.Tool
-	31, // 33: toolchain.v1.Tool.parameters_schema:type_name -> google.protobuf.Struct
-	29, // 34: toolchain.v1.Tool.timeout:type_name -> google.protobuf.Duration
-	5,  // 35: toolchain.v1.ToolchainService.RunTools:input_type -> toolchain.v1.RunToolsRequest
-	7,  // 36: toolchain.v1.ToolchainService.RunSynthesis:input_type -> toolchain.v1.RunSynthesisRequest
-	9,  // 37: toolchain.v1.ToolchainService.StreamTools:input_type -> toolchain.v1.StreamToolsRequest
-	11, // 38: toolchain.v1.ToolchainService.StreamSynthesis:input_type -> toolchain.v1.StreamSynthesisRequest
-	23, // 39: toolchain.v1.ToolchainService.CancelStage:input_type -> toolchain.v1.CancelStageRequest
-	25, // 40: toolchain.v1.ToolchainService.ListTools:input_type -> toolchain.v1.ListToolsRequest
-	6,  // 41: toolchain.v1.ToolchainService.RunTools:output_type -> toolchain.v1.RunToolsResponse
-	8,  // 42: toolchain.v1.ToolchainService.RunSynthesis:output_type -> toolchain.v1.RunSynthesisResponse
-	10, // 43: toolchain.v1.ToolchainService.StreamTools:output_type -> toolchain.v1.StreamToolsResponse
-	12, // 44: toolchain.v1.ToolchainService.StreamSynthesis:output_type -> toolchain.v1.StreamSynthesisResponse
-	24, // 45: toolchain.v1.ToolchainService.CancelStage:output_type -> toolchain.v1.CancelStageResponse
-	26, // 46: toolchain.v1.ToolchainService.ListTools:output_type -> toolchain.v1.ListToolsResponse
-	41, // [41:47] is the sub-list for method output_type
-	35, // [35:41] is the sub-list for method input_type
-	35, // [35:35] is the sub-list for extension type_name
-	35, // [35:35] is the sub-list for extension extendee
-	0,  // [0:35] is the sub-list for field type_name
+	6,  // 0: toolchain.v1.StageRequest.tool_phase:type_name -> toolchain.v1.PhaseOptions
+	6,  // 1: toolchain.v1.StageRequest.synthesis_phase:type_name -> toolchain.v1.PhaseOptions
+	5,  // 2: toolchain.v1.StageRequest.tool_choice:type_name -> toolchain.v1.ToolChoice
+	0,  // 3: toolchain.v1.ToolChoice.mode:type_name -> toolchain.v1.ToolChoiceMode
+	4,  // 4: toolchain.v1.RunToolsRequest.stage:type_name -> toolchain.v1.StageRequest
+	19, // 5: toolchain.v1.RunToolsResponse.tool_results:type_name -> toolchain.v1.ToolCallResult
+	21, // 6: toolchain.v1.RunToolsResponse.tool_phase:type_name -> toolchain.v1.PhaseStats
+	21, // 7: toolchain.v1.RunToolsResponse.tool_rounds:type_name -> toolchain.v1.PhaseStats
+	20, // 8: toolchain.v1.RunToolsResponse.total_usage:type_name -> toolchain.v1.Usage
+	4,  // 9: toolchain.v1.RunSynthesisRequest.stage:type_name -> toolchain.v1.StageRequest
+	19, // 10: toolchain.v1.RunSynthesisResponse.tool_results:type_name -> toolchain.v1.ToolCallResult
+	21, // 11: toolchain.v1.RunSynthesisResponse.tool_phase:type_name -> toolchain.v1.PhaseStats
+	21, // 12: toolchain.v1.RunSynthesisResponse.synthesis_phase:type_name -> toolchain.v1.PhaseStats
+	21, // 13: toolchain.v1.RunSynthesisResponse.tool_rounds:type_name -> toolchain.v1.PhaseStats
+	20, // 14: toolchain.v1.RunSynthesisResponse.total_usage:type_name -> toolchain.v1.Usage
+	4,  // 15: toolchain.v1.StreamToolsRequest.stage:type_name -> toolchain.v1.StageRequest
+	15, // 16: toolchain.v1.StreamToolsResponse.event:type_name -> toolchain.v1.StageEvent
+	4,  // 17: toolchain.v1.StreamSynthesisRequest.stage:type_name -> toolchain.v1.StageRequest
+	15, // 18: toolchain.v1.StreamSynthesisResponse.event:type_name -> toolchain.v1.StageEvent
+	16, // 19: toolchain.v1.StageEvent.chunk:type_name -> toolchain.v1.Chunk
+	18, // 20: toolchain.v1.StageEvent.tool_summary:type_name -> toolchain.v1.ToolSummary
+	22, // 21: toolchain.v1.StageEvent.done:type_name -> toolchain.v1.Done
+	23, // 22: toolchain.v1.StageEvent.cancel:type_name -> toolchain.v1.Cancel
+	24, // 23: toolchain.v1.StageEvent.error:type_name -> toolchain.v1.StageError
+	1,  // 24: toolchain.v1.Chunk.phase:type_name -> toolchain.v1.Phase
+	17, // 25: toolchain.v1.Chunk.tool_calls:type_name -> toolchain.v1.ToolCallDelta
+	19, // 26: toolchain.v1.ToolSummary.results:type_name -> toolchain.v1.ToolCallResult
+	2,  // 27: toolchain.v1.ToolCallResult.outcome:type_name -> toolchain.v1.ToolOutcome
+	30, // 28: toolchain.v1.ToolCallResult.result:type_name -> google.protobuf.Value
+	31, // 29: toolchain.v1.ToolCallResult.duration:type_name -> google.protobuf.Duration
+	20, // 30: toolchain.v1.PhaseStats.usage:type_name -> toolchain.v1.Usage
+	31, // 31: toolchain.v1.PhaseStats.duration:type_name -> google.protobuf.Duration
+	21, // 32: toolchain.v1.Done.tool_phase:type_name -> toolchain.v1.PhaseStats
+	21, // 33: toolchain.v1.Done.synthesis_phase:type_name -> toolchain.v1.PhaseStats
+	21, // 34: toolchain.v1.Done.tool_rounds:type_name -> toolchain.v1.PhaseStats
+	20, // 35: toolchain.v1.Done.total_usage:type_name -> toolchain.v1.Usage
+	3,  // 36: toolchain.v1.Cancel.reason:type_name -> toolchain.v1.CancelReason
+	1,  // 37: toolchain.v1.StageError.phase:type_name -> toolchain.v1.Phase
+	31, // 38: toolchain.v1.StageError.retry_delay:type_name -> google.protobuf.Duration
+	32, // 39: toolchain.v1.StageError.field_violations:type_name -> google.rpc.BadRequest.FieldViolation
+	29, // 40: toolchain.v1.ListToolsResponse.tools:type_name -> toolchain.v1.Tool
+	33, // 41: toolchain.v1.Tool.parameters_schema:type_name -> google.protobuf.Struct
+	31, // 42: toolchain.v1.Tool.timeout:type_name -> google.protobuf.Duration
+	7,  // 43: toolchain.v1.ToolchainService.RunTools:input_type -> toolchain.v1.RunToolsRequest
+	9,  // 44: toolchain.v1.ToolchainService.RunSynthesis:input_type -> toolchain.v1.RunSynthesisRequest
+	11, // 45: toolchain.v1.ToolchainService.StreamTools:input_type -> toolchain.v1.StreamToolsRequest
+	13, // 46: toolchain.v1.ToolchainService.StreamSynthesis:input_type -> toolchain.v1.StreamSynthesisRequest
+	25, // 47: toolchain.v1.ToolchainService.CancelStage:input_type -> toolchain.v1.CancelStageRequest
+	27, // 48: toolchain.v1.ToolchainService.ListTools:input_type -> toolchain.v1.ListToolsRequest
+	8,  // 49: toolchain.v1.ToolchainService.RunTools:output_type -> toolchain.v1.RunToolsResponse
+	10, // 50: toolchain.v1.ToolchainService.RunSynthesis:output_type -> toolchain.v1.RunSynthesisResponse
+	12, // 51: toolchain.v1.ToolchainService.StreamTools:output_type -> toolchain.v1.StreamToolsResponse
+	14, // 52: toolchain.v1.ToolchainService.StreamSynthesis:output_type -> toolchain.v1.StreamSynthesisResponse
+	26, // 53: toolchain.v1.ToolchainService.CancelStage:output_type -> toolchain.v1.CancelStageResponse
+	28, // 54: toolchain.v1.ToolchainService.ListTools:output_type -> toolchain.v1.ListToolsResponse
+	49, // [49:55] is the sub-list for method output_type
+	43, // [43:49] is the sub-list for method input_type
+	43, // [43:43] is the sub-list for extension type_name
+	43, // [43:43] is the sub-list for extension extendee
+	0,  // [0:43] is the sub-list for field type_name
 }
 
 func init() { file_toolchain_v1_toolchain_proto_init() }
@@ -2198,8 +2584,13 @@ func file_toolchain_v1_toolchain_proto_init() {
 	if File_toolchain_v1_toolchain_proto != nil {
 		return
 	}
-	file_toolchain_v1_toolchain_proto_msgTypes[1].OneofWrappers = []any{}
-	file_toolchain_v1_toolchain_proto_msgTypes[10].OneofWrappers = []any{
+	file_toolchain_v1_toolchain_proto_msgTypes[0].OneofWrappers = []any{}
+	file_toolchain_v1_toolchain_proto_msgTypes[1].OneofWrappers = []any{
+		(*ToolChoice_Mode)(nil),
+		(*ToolChoice_Tool)(nil),
+	}
+	file_toolchain_v1_toolchain_proto_msgTypes[2].OneofWrappers = []any{}
+	file_toolchain_v1_toolchain_proto_msgTypes[11].OneofWrappers = []any{
 		(*StageEvent_Chunk)(nil),
 		(*StageEvent_ToolSummary)(nil),
 		(*StageEvent_Done)(nil),
@@ -2211,8 +2602,8 @@ func file_toolchain_v1_toolchain_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_toolchain_v1_toolchain_proto_rawDesc), len(file_toolchain_v1_toolchain_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   25,
+			NumEnums:      4,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -68,6 +68,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """Not set: auto."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model decides whether to call tools."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 2
+    """The model must call at least one tool. A backend that cannot enforce it
+    is asked with "auto" and the tools the stage allows; if it then calls no
+    tool, the round simply has no calls (the stage does not fail).
+    """
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 3
+    """The model must not call a tool: the tools are not offered at all."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """ToolChoiceMode is what the model must do about the offered tools."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""Not set: auto."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model decides whether to call tools."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 2
+"""The model must call at least one tool. A backend that cannot enforce it
+is asked with "auto" and the tools the stage allows; if it then calls no
+tool, the round simply has no calls (the stage does not fail).
+"""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 3
+"""The model must not call a tool: the tools are not offered at all."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
+
 class _Phase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -178,6 +212,9 @@ class StageRequest(_message.Message):
     TOOL_PHASE_FIELD_NUMBER: _builtins.int
     SYNTHESIS_PHASE_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    MAX_ROUNDS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    REPAIR_INVALID_CALLS_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.str
     """Caller-chosen identifier of the stage, at most 128 printable ASCII
     characters; used by CancelStage and echoed in every event. Empty: the
@@ -198,6 +235,26 @@ class StageRequest(_message.Message):
     """Name of a backend configured on the server. Empty: the server's default
     backend. Callers never supply URLs.
     """
+    max_rounds: _builtins.int
+    """How many tool rounds the model may have, 1 to the server's max_rounds
+    ceiling (configuration `max_rounds`); unset: the server's default_rounds
+    (1 unless configured). A round is one model call with the tools offered,
+    then its valid calls executed. After a round with calls, the next round
+    sends the model every result so far, with the tools still offered, so it
+    may call more; a round without calls ends the loop and its text is the
+    answer (Done.text; no synthesis phase). When the last allowed round still
+    made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+    synthesis phase (tools not offered) on all results, tools-only RPCs end
+    with that round's text. 1 is the classic two-phase stage.
+    """
+    repair_invalid_calls: _builtins.bool
+    """Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+    UNKNOWN_TOOL) leads to another round in which the model sees the
+    validation errors as those calls' results and may correct them, within
+    max_rounds. Off: such a round ends the loop like a round without calls
+    when none of its calls was executed. Each attempt is in its own round's
+    ToolSummary.
+    """
     @_builtins.property
     def tool_phase(self) -> Global___PhaseOptions:
         """Options of the tool phase. Unset fields take the server's defaults."""
@@ -214,6 +271,13 @@ class StageRequest(_message.Message):
         server offers. Unknown names fail the request with NOT_FOUND.
         """
 
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """What the model must do about tools in the first round; later rounds are
+        always "auto", so that a required or named choice cannot loop. Unset:
+        auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+        """
+
     def __init__(
         self,
         *,
@@ -225,14 +289,50 @@ class StageRequest(_message.Message):
         tool_phase: Global___PhaseOptions | None = ...,
         synthesis_phase: Global___PhaseOptions | None = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
+        max_rounds: _builtins.int | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
+        repair_invalid_calls: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "tool_phase", b"tool_phase"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_rounds", b"_max_rounds", "max_rounds", b"max_rounds", "synthesis_phase", b"synthesis_phase", "tool_choice", b"tool_choice", "tool_phase", b"tool_phase"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "model", b"model", "stage_id", b"stage_id", "synthesis_phase", b"synthesis_phase", "system_prompt", b"system_prompt", "tool_phase", b"tool_phase", "tools", b"tools", "user_prompt", b"user_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_rounds", b"_max_rounds", "backend", b"backend", "max_rounds", b"max_rounds", "model", b"model", "repair_invalid_calls", b"repair_invalid_calls", "stage_id", b"stage_id", "synthesis_phase", b"synthesis_phase", "system_prompt", b"system_prompt", "tool_choice", b"tool_choice", "tool_phase", b"tool_phase", "tools", b"tools", "user_prompt", b"user_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_rounds: _TypeAlias = _typing.Literal["max_rounds"]  # noqa: Y015
+    _WhichOneofArgType__max_rounds: _TypeAlias = _typing.Literal["_max_rounds", b"_max_rounds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_rounds) -> _WhichOneofReturnType__max_rounds | None: ...
 
 Global___StageRequest: _TypeAlias = StageRequest  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """ToolChoice is a mode, or one tool the model must call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """auto, required or none."""
+    tool: _builtins.str
+    """The name of the one tool the model must call; only that tool is
+    offered. A backend that cannot force a named call is asked with "auto"
+    and only that tool.
+    """
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        tool: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "mode", b"mode", "tool", b"tool"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "mode", b"mode", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_choice: _TypeAlias = _typing.Literal["mode", "tool"]  # noqa: Y015
+    _WhichOneofArgType_choice: _TypeAlias = _typing.Literal["choice", b"choice"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_choice) -> _WhichOneofReturnType_choice | None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class PhaseOptions(_message.Message):
@@ -303,12 +403,17 @@ class RunToolsResponse(_message.Message):
     TOOL_RESULTS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TOOL_PHASE_FIELD_NUMBER: _builtins.int
+    TOOL_ROUNDS_FIELD_NUMBER: _builtins.int
+    ROUNDS_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    TOTAL_USAGE_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.str
     """Identifier of the stage (the caller's or the generated one)."""
     text: _builtins.str
     """Text the model wrote in the tool phase besides its tool calls (often
     empty; the answer itself when the model called no tool).
     """
+    rounds_exhausted: _builtins.bool
+    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
     @_builtins.property
     def tool_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallResult]:
         """One result per tool call the model made, in the model's order. Calls that
@@ -317,7 +422,20 @@ class RunToolsResponse(_message.Message):
 
     @_builtins.property
     def tool_phase(self) -> Global___PhaseStats:
-        """Statistics of the tool phase."""
+        """Statistics of the tool phase: of its one round, or of all its rounds
+        together (usage, duration and retries summed; the last round's finish
+        reason).
+        """
+
+    @_builtins.property
+    def tool_rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseStats]:
+        """Statistics of each tool round, in order (PhaseStats.round 1, 2, ...)."""
+
+    @_builtins.property
+    def total_usage(self) -> Global___Usage:
+        """Token usage of every model call of the stage together; unset when the
+        backend reported none.
+        """
 
     def __init__(
         self,
@@ -326,10 +444,13 @@ class RunToolsResponse(_message.Message):
         tool_results: _abc.Iterable[Global___ToolCallResult] | None = ...,
         text: _builtins.str = ...,
         tool_phase: Global___PhaseStats | None = ...,
+        tool_rounds: _abc.Iterable[Global___PhaseStats] | None = ...,
+        rounds_exhausted: _builtins.bool = ...,
+        total_usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tool_phase", b"tool_phase"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tool_phase", b"tool_phase", "total_usage", b"total_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stage_id", b"stage_id", "text", b"text", "tool_phase", b"tool_phase", "tool_results", b"tool_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rounds_exhausted", b"rounds_exhausted", "stage_id", b"stage_id", "text", b"text", "tool_phase", b"tool_phase", "tool_results", b"tool_results", "tool_rounds", b"tool_rounds", "total_usage", b"total_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -370,12 +491,17 @@ class RunSynthesisResponse(_message.Message):
     TOOL_RESULTS_FIELD_NUMBER: _builtins.int
     TOOL_PHASE_FIELD_NUMBER: _builtins.int
     SYNTHESIS_PHASE_FIELD_NUMBER: _builtins.int
+    TOOL_ROUNDS_FIELD_NUMBER: _builtins.int
+    ROUNDS_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    TOTAL_USAGE_FIELD_NUMBER: _builtins.int
     stage_id: _builtins.str
     """Identifier of the stage (the caller's or the generated one)."""
     text: _builtins.str
     """The final answer: the synthesis text, or the tool phase text when the
     model called no tool.
     """
+    rounds_exhausted: _builtins.bool
+    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
     @_builtins.property
     def tool_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallResult]:
         """One result per tool call the model made, in the model's order."""
@@ -390,6 +516,16 @@ class RunSynthesisResponse(_message.Message):
         model called no tool.
         """
 
+    @_builtins.property
+    def tool_rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseStats]:
+        """Statistics of each tool round, in order."""
+
+    @_builtins.property
+    def total_usage(self) -> Global___Usage:
+        """Token usage of every model call of the stage together; unset when the
+        backend reported none.
+        """
+
     def __init__(
         self,
         *,
@@ -398,10 +534,13 @@ class RunSynthesisResponse(_message.Message):
         tool_results: _abc.Iterable[Global___ToolCallResult] | None = ...,
         tool_phase: Global___PhaseStats | None = ...,
         synthesis_phase: Global___PhaseStats | None = ...,
+        tool_rounds: _abc.Iterable[Global___PhaseStats] | None = ...,
+        rounds_exhausted: _builtins.bool = ...,
+        total_usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "tool_phase", b"tool_phase"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "tool_phase", b"tool_phase", "total_usage", b"total_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["stage_id", b"stage_id", "synthesis_phase", b"synthesis_phase", "text", b"text", "tool_phase", b"tool_phase", "tool_results", b"tool_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rounds_exhausted", b"rounds_exhausted", "stage_id", b"stage_id", "synthesis_phase", b"synthesis_phase", "text", b"text", "tool_phase", b"tool_phase", "tool_results", b"tool_results", "tool_rounds", b"tool_rounds", "total_usage", b"total_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -505,9 +644,10 @@ Global___StreamSynthesisResponse: _TypeAlias = StreamSynthesisResponse  # noqa: 
 
 @_typing.final
 class StageEvent(_message.Message):
-    """StageEvent is one event of a streamed stage. A stream is: Chunk events of the
-    tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
-    RPCs only), then exactly one of Done, Cancel or StageError, after which the
+    """StageEvent is one event of a streamed stage. A stream is: for each tool
+    round (one unless StageRequest.max_rounds allows more), Chunk events of that
+    round then its ToolSummary; Chunk events of the synthesis phase (synthesis
+    RPCs only); then exactly one of Done, Cancel or StageError, after which the
     stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
     the error's code). A stream that fails before the tool phase ends has no
     ToolSummary.
@@ -532,7 +672,7 @@ class StageEvent(_message.Message):
 
     @_builtins.property
     def tool_summary(self) -> Global___ToolSummary:
-        """The tool calls of the tool phase and their results; sent once."""
+        """The tool calls of one tool round and their results; once per round."""
 
     @_builtins.property
     def done(self) -> Global___Done:
@@ -577,6 +717,7 @@ class Chunk(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     """The phase that produced it."""
     content: _builtins.str
@@ -584,6 +725,10 @@ class Chunk(_message.Message):
     finish_reason: _builtins.str
     """Why the model stopped ("stop", "tool_calls", "length", ...), set on the
     last chunk of a phase when the backend reports it.
+    """
+    round: _builtins.int
+    """The tool round that produced it, from 1 (phase TOOL); for phase
+    SYNTHESIS, the number of the last tool round plus one.
     """
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
@@ -598,10 +743,11 @@ class Chunk(_message.Message):
         content: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
         finish_reason: _builtins.str = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "phase", b"phase", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "finish_reason", b"finish_reason", "phase", b"phase", "round", b"round", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -643,11 +789,14 @@ Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
 class ToolSummary(_message.Message):
-    """ToolSummary lists every tool call of the tool phase with its outcome."""
+    """ToolSummary lists every tool call of one tool round with its outcome."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The tool round, from 1."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallResult]:
         """One entry per call, in the model's order; empty when the model called no
@@ -658,10 +807,11 @@ class ToolSummary(_message.Message):
         self,
         *,
         results: _abc.Iterable[Global___ToolCallResult] | None = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,6 +830,8 @@ class ToolCallResult(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """Call id from the model, or "call_<index>" when the model gave none."""
     tool_name: _builtins.str
@@ -690,6 +842,13 @@ class ToolCallResult(_message.Message):
     """What became of the call."""
     error: _builtins.str
     """Why the call was not executed or failed; empty when OK."""
+    round: _builtins.int
+    """The tool round of the call, from 1."""
+    truncated: _builtins.bool
+    """The output was larger than the server passes on (configuration
+    `tools.max_result_bytes`): `result` is a string holding the start of its
+    JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Value:
         """The tool's output when outcome is OK."""
@@ -708,10 +867,12 @@ class ToolCallResult(_message.Message):
         result: _struct_pb2.Value | None = ...,
         error: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
+        round: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "duration", b"duration", "error", b"error", "outcome", b"outcome", "result", b"result", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "duration", b"duration", "error", b"error", "outcome", b"outcome", "result", b"result", "round", b"round", "tool_name", b"tool_name", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -758,6 +919,7 @@ class PhaseStats(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     RETRIES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     finish_reason: _builtins.str
     """Why the model stopped ("stop", "tool_calls", "length", ...); empty when
     the backend never said.
@@ -766,6 +928,8 @@ class PhaseStats(_message.Message):
     """Backend calls retried after transient failures before any output."""
     model: _builtins.str
     """The model that served the phase."""
+    round: _builtins.int
+    """The tool round these statistics are of, from 1; 0 for a whole phase."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token usage; unset when the backend did not report it."""
@@ -782,10 +946,11 @@ class PhaseStats(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         retries: _builtins.int = ...,
         model: _builtins.str = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finish_reason", b"finish_reason", "model", b"model", "retries", b"retries", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finish_reason", b"finish_reason", "model", b"model", "retries", b"retries", "round", b"round", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -800,18 +965,36 @@ class Done(_message.Message):
     TOOL_PHASE_FIELD_NUMBER: _builtins.int
     SYNTHESIS_PHASE_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    TOOL_ROUNDS_FIELD_NUMBER: _builtins.int
+    ROUNDS_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    TOTAL_USAGE_FIELD_NUMBER: _builtins.int
     text: _builtins.str
-    """The whole final text: the synthesis answer, or the tool phase text when
-    there was no synthesis phase.
+    """The whole final text: the synthesis answer, or the text of the last tool
+    round when there was no synthesis phase.
     """
+    rounds_exhausted: _builtins.bool
+    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
     @_builtins.property
     def tool_phase(self) -> Global___PhaseStats:
-        """Statistics of the tool phase."""
+        """Statistics of the tool phase: of its one round, or of all its rounds
+        together (usage, duration and retries summed; the last round's finish
+        reason).
+        """
 
     @_builtins.property
     def synthesis_phase(self) -> Global___PhaseStats:
         """Statistics of the synthesis phase; unset for tools-only stages and when
         the model called no tool.
+        """
+
+    @_builtins.property
+    def tool_rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseStats]:
+        """Statistics of each tool round, in order."""
+
+    @_builtins.property
+    def total_usage(self) -> Global___Usage:
+        """Token usage of every model call of the stage together; unset when the
+        backend reported none.
         """
 
     def __init__(
@@ -820,10 +1003,13 @@ class Done(_message.Message):
         tool_phase: Global___PhaseStats | None = ...,
         synthesis_phase: Global___PhaseStats | None = ...,
         text: _builtins.str = ...,
+        tool_rounds: _abc.Iterable[Global___PhaseStats] | None = ...,
+        rounds_exhausted: _builtins.bool = ...,
+        total_usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "tool_phase", b"tool_phase"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "tool_phase", b"tool_phase", "total_usage", b"total_usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["synthesis_phase", b"synthesis_phase", "text", b"text", "tool_phase", b"tool_phase"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rounds_exhausted", b"rounds_exhausted", "synthesis_phase", b"synthesis_phase", "text", b"text", "tool_phase", b"tool_phase", "tool_rounds", b"tool_rounds", "total_usage", b"total_usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1014,10 +1200,15 @@ class Tool(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_SCHEMA_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the model uses to call it."""
     description: _builtins.str
     """What it does, as shown to the model."""
+    source: _builtins.str
+    """Where the tool comes from: "builtin", "plugin:<distribution>" (a Python
+    package's entry point) or "mcp:<server>" (a configured MCP server).
+    """
     @_builtins.property
     def parameters_schema(self) -> _struct_pb2.Struct:
         """JSON schema of its arguments object."""
@@ -1033,10 +1224,11 @@ class Tool(_message.Message):
         description: _builtins.str = ...,
         parameters_schema: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        source: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters_schema", b"parameters_schema", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_schema", b"parameters_schema", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters_schema", b"parameters_schema", "source", b"source", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

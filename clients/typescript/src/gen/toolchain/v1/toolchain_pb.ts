@@ -61,7 +61,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file toolchain/v1/toolchain.proto.
  */
 export const file_toolchain_v1_toolchain: GenFile = /*@__PURE__*/
-  fileDesc("Chx0b29sY2hhaW4vdjEvdG9vbGNoYWluLnByb3RvEgx0b29sY2hhaW4udjEi4AEKDFN0YWdlUmVxdWVzdBIQCghzdGFnZV9pZBgBIAEoCRIVCg1zeXN0ZW1fcHJvbXB0GAIgASgJEhMKC3VzZXJfcHJvbXB0GAMgASgJEg0KBW1vZGVsGAQgASgJEg8KB2JhY2tlbmQYBSABKAkSLgoKdG9vbF9waGFzZRgGIAEoCzIaLnRvb2xjaGFpbi52MS5QaGFzZU9wdGlvbnMSMwoPc3ludGhlc2lzX3BoYXNlGAcgASgLMhoudG9vbGNoYWluLnYxLlBoYXNlT3B0aW9ucxINCgV0b29scxgIIAMoCSJgCgxQaGFzZU9wdGlvbnMSFwoKbWF4X3Rva2VucxgBIAEoBUgAiAEBEhgKC3RlbXBlcmF0dXJlGAIgASgBSAGIAQFCDQoLX21heF90b2tlbnNCDgoMX3RlbXBlcmF0dXJlIjwKD1J1blRvb2xzUmVxdWVzdBIpCgVzdGFnZRgBIAEoCzIaLnRvb2xjaGFpbi52MS5TdGFnZVJlcXVlc3QilAEKEFJ1blRvb2xzUmVzcG9uc2USEAoIc3RhZ2VfaWQYASABKAkSMgoMdG9vbF9yZXN1bHRzGAIgAygLMhwudG9vbGNoYWluLnYxLlRvb2xDYWxsUmVzdWx0EgwKBHRleHQYAyABKAkSLAoKdG9vbF9waGFzZRgEIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzIkAKE1J1blN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0IssBChRSdW5TeW50aGVzaXNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIMCgR0ZXh0GAIgASgJEjIKDHRvb2xfcmVzdWx0cxgDIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSMQoPc3ludGhlc2lzX3BoYXNlGAUgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMiPwoSU3RyZWFtVG9vbHNSZXF1ZXN0EikKBXN0YWdlGAEgASgLMhoudG9vbGNoYWluLnYxLlN0YWdlUmVxdWVzdCI+ChNTdHJlYW1Ub29sc1Jlc3BvbnNlEicKBWV2ZW50GAEgASgLMhgudG9vbGNoYWluLnYxLlN0YWdlRXZlbnQiQwoWU3RyZWFtU3ludGhlc2lzUmVxdWVzdBIpCgVzdGFnZRgBIAEoCzIaLnRvb2xjaGFpbi52MS5TdGFnZVJlcXVlc3QiQgoXU3RyZWFtU3ludGhlc2lzUmVzcG9uc2USJwoFZXZlbnQYASABKAsyGC50b29sY2hhaW4udjEuU3RhZ2VFdmVudCKJAgoKU3RhZ2VFdmVudBIQCghzdGFnZV9pZBgBIAEoCRIQCghzZXF1ZW5jZRgCIAEoDRIkCgVjaHVuaxgDIAEoCzITLnRvb2xjaGFpbi52MS5DaHVua0gAEjEKDHRvb2xfc3VtbWFyeRgEIAEoCzIZLnRvb2xjaGFpbi52MS5Ub29sU3VtbWFyeUgAEiIKBGRvbmUYBSABKAsyEi50b29sY2hhaW4udjEuRG9uZUgAEiYKBmNhbmNlbBgGIAEoCzIULnRvb2xjaGFpbi52MS5DYW5jZWxIABIpCgVlcnJvchgHIAEoCzIYLnRvb2xjaGFpbi52MS5TdGFnZUVycm9ySABCBwoFZXZlbnQihAEKBUNodW5rEiIKBXBoYXNlGAEgASgOMhMudG9vbGNoYWluLnYxLlBoYXNlEg8KB2NvbnRlbnQYAiABKAkSLwoKdG9vbF9jYWxscxgDIAMoCzIbLnRvb2xjaGFpbi52MS5Ub29sQ2FsbERlbHRhEhUKDWZpbmlzaF9yZWFzb24YBCABKAkiVAoNVG9vbENhbGxEZWx0YRINCgVpbmRleBgBIAEoBRIKCgJpZBgCIAEoCRIMCgRuYW1lGAMgASgJEhoKEmFyZ3VtZW50c19mcmFnbWVudBgEIAEoCSI8CgtUb29sU3VtbWFyeRItCgdyZXN1bHRzGAEgAygLMhwudG9vbGNoYWluLnYxLlRvb2xDYWxsUmVzdWx0ItcBCg5Ub29sQ2FsbFJlc3VsdBIPCgdjYWxsX2lkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRIRCglhcmd1bWVudHMYAyABKAkSKgoHb3V0Y29tZRgEIAEoDjIZLnRvb2xjaGFpbi52MS5Ub29sT3V0Y29tZRImCgZyZXN1bHQYBSABKAsyFi5nb29nbGUucHJvdG9idWYuVmFsdWUSDQoFZXJyb3IYBiABKAkSKwoIZHVyYXRpb24YByABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iTwoFVXNhZ2USFQoNcHJvbXB0X3Rva2VucxgBIAEoBRIZChFjb21wbGV0aW9uX3Rva2VucxgCIAEoBRIUCgx0b3RhbF90b2tlbnMYAyABKAUilAEKClBoYXNlU3RhdHMSFQoNZmluaXNoX3JlYXNvbhgBIAEoCRIiCgV1c2FnZRgCIAEoCzITLnRvb2xjaGFpbi52MS5Vc2FnZRIrCghkdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIPCgdyZXRyaWVzGAQgASgFEg0KBW1vZGVsGAUgASgJInUKBERvbmUSLAoKdG9vbF9waGFzZRgBIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEjEKD3N5bnRoZXNpc19waGFzZRgCIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEgwKBHRleHQYAyABKAkiRQoGQ2FuY2VsEioKBnJlYXNvbhgBIAEoDjIaLnRvb2xjaGFpbi52MS5DYW5jZWxSZWFzb24SDwoHbWVzc2FnZRgCIAEoCSLjAQoKU3RhZ2VFcnJvchIMCgRjb2RlGAEgASgFEg8KB21lc3NhZ2UYAiABKAkSIgoFcGhhc2UYAyABKA4yEy50b29sY2hhaW4udjEuUGhhc2USEQoJcmV0cnlhYmxlGAQgASgIEg4KBnJlYXNvbhgFIAEoCRIuCgtyZXRyeV9kZWxheRgGIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI/ChBmaWVsZF92aW9sYXRpb25zGAcgAygLMiUuZ29vZ2xlLnJwYy5CYWRSZXF1ZXN0LkZpZWxkVmlvbGF0aW9uIiYKEkNhbmNlbFN0YWdlUmVxdWVzdBIQCghzdGFnZV9pZBgBIAEoCSInChNDYW5jZWxTdGFnZVJlc3BvbnNlEhAKCHN0YWdlX2lkGAEgASgJIhIKEExpc3RUb29sc1JlcXVlc3QiNgoRTGlzdFRvb2xzUmVzcG9uc2USIQoFdG9vbHMYASADKAsyEi50b29sY2hhaW4udjEuVG9vbCKgAQoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEjIKEXBhcmFtZXRlcnNfc2NoZW1hGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSgQIBBAFUg90aW1lb3V0X3NlY29uZHMqQwoFUGhhc2USFQoRUEhBU0VfVU5TUEVDSUZJRUQQABIOCgpQSEFTRV9UT09MEAESEwoPUEhBU0VfU1lOVEhFU0lTEAIq0gEKC1Rvb2xPdXRjb21lEhwKGFRPT0xfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhMKD1RPT0xfT1VUQ09NRV9PSxABEiIKHlRPT0xfT1VUQ09NRV9JTlZBTElEX0FSR1VNRU5UUxACEh0KGVRPT0xfT1VUQ09NRV9VTktOT1dOX1RPT0wQAxIXChNUT09MX09VVENPTUVfRkFJTEVEEAQSGgoWVE9PTF9PVVRDT01FX1RJTUVEX09VVBAFEhgKFFRPT0xfT1VUQ09NRV9TS0lQUEVEEAYqnwEKDENhbmNlbFJlYXNvbhIdChlDQU5DRUxfUkVBU09OX1VOU1BFQ0lGSUVEEAASGAoUQ0FOQ0VMX1JFQVNPTl9DTElFTlQQARIeChpDQU5DRUxfUkVBU09OX0NBTkNFTF9TVEFHRRACEhoKFkNBTkNFTF9SRUFTT05fREVBRExJTkUQAxIaChZDQU5DRUxfUkVBU09OX1NIVVRET1dOEAQyjgQKEFRvb2xjaGFpblNlcnZpY2USSQoIUnVuVG9vbHMSHS50b29sY2hhaW4udjEuUnVuVG9vbHNSZXF1ZXN0Gh4udG9vbGNoYWluLnYxLlJ1blRvb2xzUmVzcG9uc2USVQoMUnVuU3ludGhlc2lzEiEudG9vbGNoYWluLnYxLlJ1blN5bnRoZXNpc1JlcXVlc3QaIi50b29sY2hhaW4udjEuUnVuU3ludGhlc2lzUmVzcG9uc2USVAoLU3RyZWFtVG9vbHMSIC50b29sY2hhaW4udjEuU3RyZWFtVG9vbHNSZXF1ZXN0GiEudG9vbGNoYWluLnYxLlN0cmVhbVRvb2xzUmVzcG9uc2UwARJgCg9TdHJlYW1TeW50aGVzaXMSJC50b29sY2hhaW4udjEuU3RyZWFtU3ludGhlc2lzUmVxdWVzdBolLnRvb2xjaGFpbi52MS5TdHJlYW1TeW50aGVzaXNSZXNwb25zZTABElIKC0NhbmNlbFN0YWdlEiAudG9vbGNoYWluLnYxLkNhbmNlbFN0YWdlUmVxdWVzdBohLnRvb2xjaGFpbi52MS5DYW5jZWxTdGFnZVJlc3BvbnNlEkwKCUxpc3RUb29scxIeLnRvb2xjaGFpbi52MS5MaXN0VG9vbHNSZXF1ZXN0Gh8udG9vbGNoYWluLnYxLkxpc3RUb29sc1Jlc3BvbnNlQrIBCh1pby50b29sY2hhaW5ncnBjLnRvb2xjaGFpbi52MUIOVG9vbGNoYWluUHJvdG9QAVpLZ2l0aHViLmNvbS90b29sY2hhaW4tZ3JwYy90b29sY2hhaW4tZ3JwYy9jbGllbnRzL2dvL3Rvb2xjaGFpbnYxO3Rvb2xjaGFpbnYxogIDVFhYqgIMVG9vbGNoYWluLlYxygIMVG9vbGNoYWluXFYx6gINVG9vbGNoYWluOjpWMWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_rpc_error_details]);
+  fileDesc("Chx0b29sY2hhaW4vdjEvdG9vbGNoYWluLnByb3RvEgx0b29sY2hhaW4udjEi1QIKDFN0YWdlUmVxdWVzdBIQCghzdGFnZV9pZBgBIAEoCRIVCg1zeXN0ZW1fcHJvbXB0GAIgASgJEhMKC3VzZXJfcHJvbXB0GAMgASgJEg0KBW1vZGVsGAQgASgJEg8KB2JhY2tlbmQYBSABKAkSLgoKdG9vbF9waGFzZRgGIAEoCzIaLnRvb2xjaGFpbi52MS5QaGFzZU9wdGlvbnMSMwoPc3ludGhlc2lzX3BoYXNlGAcgASgLMhoudG9vbGNoYWluLnYxLlBoYXNlT3B0aW9ucxINCgV0b29scxgIIAMoCRIXCgptYXhfcm91bmRzGAkgASgFSACIAQESLQoLdG9vbF9jaG9pY2UYCiABKAsyGC50b29sY2hhaW4udjEuVG9vbENob2ljZRIcChRyZXBhaXJfaW52YWxpZF9jYWxscxgLIAEoCEINCgtfbWF4X3JvdW5kcyJUCgpUb29sQ2hvaWNlEiwKBG1vZGUYASABKA4yHC50b29sY2hhaW4udjEuVG9vbENob2ljZU1vZGVIABIOCgR0b29sGAIgASgJSABCCAoGY2hvaWNlImAKDFBoYXNlT3B0aW9ucxIXCgptYXhfdG9rZW5zGAEgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYAiABKAFIAYgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmUiPAoPUnVuVG9vbHNSZXF1ZXN0EikKBXN0YWdlGAEgASgLMhoudG9vbGNoYWluLnYxLlN0YWdlUmVxdWVzdCKHAgoQUnVuVG9vbHNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIyCgx0b29sX3Jlc3VsdHMYAiADKAsyHC50b29sY2hhaW4udjEuVG9vbENhbGxSZXN1bHQSDAoEdGV4dBgDIAEoCRIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBSADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAYgASgIEigKC3RvdGFsX3VzYWdlGAcgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkAKE1J1blN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0Ir4CChRSdW5TeW50aGVzaXNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIMCgR0ZXh0GAIgASgJEjIKDHRvb2xfcmVzdWx0cxgDIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSMQoPc3ludGhlc2lzX3BoYXNlGAUgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBiADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAcgASgIEigKC3RvdGFsX3VzYWdlGAggASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIj8KElN0cmVhbVRvb2xzUmVxdWVzdBIpCgVzdGFnZRgBIAEoCzIaLnRvb2xjaGFpbi52MS5TdGFnZVJlcXVlc3QiPgoTU3RyZWFtVG9vbHNSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLnRvb2xjaGFpbi52MS5TdGFnZUV2ZW50IkMKFlN0cmVhbVN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0IkIKF1N0cmVhbVN5bnRoZXNpc1Jlc3BvbnNlEicKBWV2ZW50GAEgASgLMhgudG9vbGNoYWluLnYxLlN0YWdlRXZlbnQiiQIKClN0YWdlRXZlbnQSEAoIc3RhZ2VfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKA0SJAoFY2h1bmsYAyABKAsyEy50b29sY2hhaW4udjEuQ2h1bmtIABIxCgx0b29sX3N1bW1hcnkYBCABKAsyGS50b29sY2hhaW4udjEuVG9vbFN1bW1hcnlIABIiCgRkb25lGAUgASgLMhIudG9vbGNoYWluLnYxLkRvbmVIABImCgZjYW5jZWwYBiABKAsyFC50b29sY2hhaW4udjEuQ2FuY2VsSAASKQoFZXJyb3IYByABKAsyGC50b29sY2hhaW4udjEuU3RhZ2VFcnJvckgAQgcKBWV2ZW50IpMBCgVDaHVuaxIiCgVwaGFzZRgBIAEoDjITLnRvb2xjaGFpbi52MS5QaGFzZRIPCgdjb250ZW50GAIgASgJEi8KCnRvb2xfY2FsbHMYAyADKAsyGy50b29sY2hhaW4udjEuVG9vbENhbGxEZWx0YRIVCg1maW5pc2hfcmVhc29uGAQgASgJEg0KBXJvdW5kGAUgASgFIlQKDVRvb2xDYWxsRGVsdGESDQoFaW5kZXgYASABKAUSCgoCaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIaChJhcmd1bWVudHNfZnJhZ21lbnQYBCABKAkiSwoLVG9vbFN1bW1hcnkSLQoHcmVzdWx0cxgBIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBINCgVyb3VuZBgCIAEoBSL5AQoOVG9vbENhbGxSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJEioKB291dGNvbWUYBCABKA4yGS50b29sY2hhaW4udjEuVG9vbE91dGNvbWUSJgoGcmVzdWx0GAUgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEg0KBWVycm9yGAYgASgJEisKCGR1cmF0aW9uGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg0KBXJvdW5kGAggASgFEhEKCXRydW5jYXRlZBgJIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgFEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgFEhQKDHRvdGFsX3Rva2VucxgDIAEoBSKjAQoKUGhhc2VTdGF0cxIVCg1maW5pc2hfcmVhc29uGAEgASgJEiIKBXVzYWdlGAIgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB3JldHJpZXMYBCABKAUSDQoFbW9kZWwYBSABKAkSDQoFcm91bmQYBiABKAUi6AEKBERvbmUSLAoKdG9vbF9waGFzZRgBIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEjEKD3N5bnRoZXNpc19waGFzZRgCIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEgwKBHRleHQYAyABKAkSLQoLdG9vbF9yb3VuZHMYBCADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAUgASgIEigKC3RvdGFsX3VzYWdlGAYgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkUKBkNhbmNlbBIqCgZyZWFzb24YASABKA4yGi50b29sY2hhaW4udjEuQ2FuY2VsUmVhc29uEg8KB21lc3NhZ2UYAiABKAki4wEKClN0YWdlRXJyb3ISDAoEY29kZRgBIAEoBRIPCgdtZXNzYWdlGAIgASgJEiIKBXBoYXNlGAMgASgOMhMudG9vbGNoYWluLnYxLlBoYXNlEhEKCXJldHJ5YWJsZRgEIAEoCBIOCgZyZWFzb24YBSABKAkSLgoLcmV0cnlfZGVsYXkYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SPwoQZmllbGRfdmlvbGF0aW9ucxgHIAMoCzIlLmdvb2dsZS5ycGMuQmFkUmVxdWVzdC5GaWVsZFZpb2xhdGlvbiImChJDYW5jZWxTdGFnZVJlcXVlc3QSEAoIc3RhZ2VfaWQYASABKAkiJwoTQ2FuY2VsU3RhZ2VSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCSISChBMaXN0VG9vbHNSZXF1ZXN0IjYKEUxpc3RUb29sc1Jlc3BvbnNlEiEKBXRvb2xzGAEgAygLMhIudG9vbGNoYWluLnYxLlRvb2wisAEKBFRvb2wSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIyChFwYXJhbWV0ZXJzX3NjaGVtYRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKgoHdGltZW91dBgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZzb3VyY2UYBiABKAlKBAgEEAVSD3RpbWVvdXRfc2Vjb25kcyqHAQoOVG9vbENob2ljZU1vZGUSIAocVE9PTF9DSE9JQ0VfTU9ERV9VTlNQRUNJRklFRBAAEhkKFVRPT0xfQ0hPSUNFX01PREVfQVVUTxABEh0KGVRPT0xfQ0hPSUNFX01PREVfUkVRVUlSRUQQAhIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAypDCgVQaGFzZRIVChFQSEFTRV9VTlNQRUNJRklFRBAAEg4KClBIQVNFX1RPT0wQARITCg9QSEFTRV9TWU5USEVTSVMQAirSAQoLVG9vbE91dGNvbWUSHAoYVE9PTF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASEwoPVE9PTF9PVVRDT01FX09LEAESIgoeVE9PTF9PVVRDT01FX0lOVkFMSURfQVJHVU1FTlRTEAISHQoZVE9PTF9PVVRDT01FX1VOS05PV05fVE9PTBADEhcKE1RPT0xfT1VUQ09NRV9GQUlMRUQQBBIaChZUT09MX09VVENPTUVfVElNRURfT1VUEAUSGAoUVE9PTF9PVVRDT01FX1NLSVBQRUQQBiqfAQoMQ2FuY2VsUmVhc29uEh0KGUNBTkNFTF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRDQU5DRUxfUkVBU09OX0NMSUVOVBABEh4KGkNBTkNFTF9SRUFTT05fQ0FOQ0VMX1NUQUdFEAISGgoWQ0FOQ0VMX1JFQVNPTl9ERUFETElORRADEhoKFkNBTkNFTF9SRUFTT05fU0hVVERPV04QBDKOBAoQVG9vbGNoYWluU2VydmljZRJJCghSdW5Ub29scxIdLnRvb2xjaGFpbi52MS5SdW5Ub29sc1JlcXVlc3QaHi50b29sY2hhaW4udjEuUnVuVG9vbHNSZXNwb25zZRJVCgxSdW5TeW50aGVzaXMSIS50b29sY2hhaW4udjEuUnVuU3ludGhlc2lzUmVxdWVzdBoiLnRvb2xjaGFpbi52MS5SdW5TeW50aGVzaXNSZXNwb25zZRJUCgtTdHJlYW1Ub29scxIgLnRvb2xjaGFpbi52MS5TdHJlYW1Ub29sc1JlcXVlc3QaIS50b29sY2hhaW4udjEuU3RyZWFtVG9vbHNSZXNwb25zZTABEmAKD1N0cmVhbVN5bnRoZXNpcxIkLnRvb2xjaGFpbi52MS5TdHJlYW1TeW50aGVzaXNSZXF1ZXN0GiUudG9vbGNoYWluLnYxLlN0cmVhbVN5bnRoZXNpc1Jlc3BvbnNlMAESUgoLQ2FuY2VsU3RhZ2USIC50b29sY2hhaW4udjEuQ2FuY2VsU3RhZ2VSZXF1ZXN0GiEudG9vbGNoYWluLnYxLkNhbmNlbFN0YWdlUmVzcG9uc2USTAoJTGlzdFRvb2xzEh4udG9vbGNoYWluLnYxLkxpc3RUb29sc1JlcXVlc3QaHy50b29sY2hhaW4udjEuTGlzdFRvb2xzUmVzcG9uc2VCsgEKHWlvLnRvb2xjaGFpbmdycGMudG9vbGNoYWluLnYxQg5Ub29sY2hhaW5Qcm90b1ABWktnaXRodWIuY29tL3Rvb2xjaGFpbi1ncnBjL3Rvb2xjaGFpbi1ncnBjL2NsaWVudHMvZ28vdG9vbGNoYWludjE7dG9vbGNoYWludjGiAgNUWFiqAgxUb29sY2hhaW4uVjHKAgxUb29sY2hhaW5cVjHqAg1Ub29sY2hhaW46OlYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_rpc_error_details]);
 
 /**
  * StageRequest describes one stage; the four stage RPCs all carry it.
@@ -133,6 +133,43 @@ export type StageRequest = Message<"toolchain.v1.StageRequest"> & {
    * @generated from field: repeated string tools = 8;
    */
   tools: string[];
+
+  /**
+   * How many tool rounds the model may have, 1 to the server's max_rounds
+   * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+   * (1 unless configured). A round is one model call with the tools offered,
+   * then its valid calls executed. After a round with calls, the next round
+   * sends the model every result so far, with the tools still offered, so it
+   * may call more; a round without calls ends the loop and its text is the
+   * answer (Done.text; no synthesis phase). When the last allowed round still
+   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+   * synthesis phase (tools not offered) on all results, tools-only RPCs end
+   * with that round's text. 1 is the classic two-phase stage.
+   *
+   * @generated from field: optional int32 max_rounds = 9;
+   */
+  maxRounds?: number | undefined;
+
+  /**
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   *
+   * @generated from field: toolchain.v1.ToolChoice tool_choice = 10;
+   */
+  toolChoice?: ToolChoice | undefined;
+
+  /**
+   * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+   * UNKNOWN_TOOL) leads to another round in which the model sees the
+   * validation errors as those calls' results and may correct them, within
+   * max_rounds. Off: such a round ends the loop like a round without calls
+   * when none of its calls was executed. Each attempt is in its own round's
+   * ToolSummary.
+   *
+   * @generated from field: bool repair_invalid_calls = 11;
+   */
+  repairInvalidCalls: boolean;
 };
 
 /**
@@ -141,6 +178,45 @@ export type StageRequest = Message<"toolchain.v1.StageRequest"> & {
  */
 export const StageRequestSchema: GenMessage<StageRequest> = /*@__PURE__*/
   messageDesc(file_toolchain_v1_toolchain, 0);
+
+/**
+ * ToolChoice is a mode, or one tool the model must call.
+ *
+ * @generated from message toolchain.v1.ToolChoice
+ */
+export type ToolChoice = Message<"toolchain.v1.ToolChoice"> & {
+  /**
+   * Exactly one is set.
+   *
+   * @generated from oneof toolchain.v1.ToolChoice.choice
+   */
+  choice: {
+    /**
+     * auto, required or none.
+     *
+     * @generated from field: toolchain.v1.ToolChoiceMode mode = 1;
+     */
+    value: ToolChoiceMode;
+    case: "mode";
+  } | {
+    /**
+     * The name of the one tool the model must call; only that tool is
+     * offered. A backend that cannot force a named call is asked with "auto"
+     * and only that tool.
+     *
+     * @generated from field: string tool = 2;
+     */
+    value: string;
+    case: "tool";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message toolchain.v1.ToolChoice.
+ * Use `create(ToolChoiceSchema)` to create a new message.
+ */
+export const ToolChoiceSchema: GenMessage<ToolChoice> = /*@__PURE__*/
+  messageDesc(file_toolchain_v1_toolchain, 1);
 
 /**
  * PhaseOptions tunes one model call.
@@ -169,7 +245,7 @@ export type PhaseOptions = Message<"toolchain.v1.PhaseOptions"> & {
  * Use `create(PhaseOptionsSchema)` to create a new message.
  */
 export const PhaseOptionsSchema: GenMessage<PhaseOptions> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 1);
+  messageDesc(file_toolchain_v1_toolchain, 2);
 
 /**
  * RunToolsRequest is the request of RunTools.
@@ -190,7 +266,7 @@ export type RunToolsRequest = Message<"toolchain.v1.RunToolsRequest"> & {
  * Use `create(RunToolsRequestSchema)` to create a new message.
  */
 export const RunToolsRequestSchema: GenMessage<RunToolsRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 2);
+  messageDesc(file_toolchain_v1_toolchain, 3);
 
 /**
  * RunToolsResponse is the result of a tools-only stage.
@@ -222,11 +298,35 @@ export type RunToolsResponse = Message<"toolchain.v1.RunToolsResponse"> & {
   text: string;
 
   /**
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    *
    * @generated from field: toolchain.v1.PhaseStats tool_phase = 4;
    */
   toolPhase?: PhaseStats | undefined;
+
+  /**
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   *
+   * @generated from field: repeated toolchain.v1.PhaseStats tool_rounds = 5;
+   */
+  toolRounds: PhaseStats[];
+
+  /**
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   *
+   * @generated from field: bool rounds_exhausted = 6;
+   */
+  roundsExhausted: boolean;
+
+  /**
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   *
+   * @generated from field: toolchain.v1.Usage total_usage = 7;
+   */
+  totalUsage?: Usage | undefined;
 };
 
 /**
@@ -234,7 +334,7 @@ export type RunToolsResponse = Message<"toolchain.v1.RunToolsResponse"> & {
  * Use `create(RunToolsResponseSchema)` to create a new message.
  */
 export const RunToolsResponseSchema: GenMessage<RunToolsResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 3);
+  messageDesc(file_toolchain_v1_toolchain, 4);
 
 /**
  * RunSynthesisRequest is the request of RunSynthesis.
@@ -255,7 +355,7 @@ export type RunSynthesisRequest = Message<"toolchain.v1.RunSynthesisRequest"> & 
  * Use `create(RunSynthesisRequestSchema)` to create a new message.
  */
 export const RunSynthesisRequestSchema: GenMessage<RunSynthesisRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 4);
+  messageDesc(file_toolchain_v1_toolchain, 5);
 
 /**
  * RunSynthesisResponse is the result of a stage with synthesis.
@@ -299,6 +399,28 @@ export type RunSynthesisResponse = Message<"toolchain.v1.RunSynthesisResponse"> 
    * @generated from field: toolchain.v1.PhaseStats synthesis_phase = 5;
    */
   synthesisPhase?: PhaseStats | undefined;
+
+  /**
+   * Statistics of each tool round, in order.
+   *
+   * @generated from field: repeated toolchain.v1.PhaseStats tool_rounds = 6;
+   */
+  toolRounds: PhaseStats[];
+
+  /**
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   *
+   * @generated from field: bool rounds_exhausted = 7;
+   */
+  roundsExhausted: boolean;
+
+  /**
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   *
+   * @generated from field: toolchain.v1.Usage total_usage = 8;
+   */
+  totalUsage?: Usage | undefined;
 };
 
 /**
@@ -306,7 +428,7 @@ export type RunSynthesisResponse = Message<"toolchain.v1.RunSynthesisResponse"> 
  * Use `create(RunSynthesisResponseSchema)` to create a new message.
  */
 export const RunSynthesisResponseSchema: GenMessage<RunSynthesisResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 5);
+  messageDesc(file_toolchain_v1_toolchain, 6);
 
 /**
  * StreamToolsRequest is the request of StreamTools.
@@ -327,7 +449,7 @@ export type StreamToolsRequest = Message<"toolchain.v1.StreamToolsRequest"> & {
  * Use `create(StreamToolsRequestSchema)` to create a new message.
  */
 export const StreamToolsRequestSchema: GenMessage<StreamToolsRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 6);
+  messageDesc(file_toolchain_v1_toolchain, 7);
 
 /**
  * StreamToolsResponse is one message of a StreamTools stream.
@@ -348,7 +470,7 @@ export type StreamToolsResponse = Message<"toolchain.v1.StreamToolsResponse"> & 
  * Use `create(StreamToolsResponseSchema)` to create a new message.
  */
 export const StreamToolsResponseSchema: GenMessage<StreamToolsResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 7);
+  messageDesc(file_toolchain_v1_toolchain, 8);
 
 /**
  * StreamSynthesisRequest is the request of StreamSynthesis.
@@ -369,7 +491,7 @@ export type StreamSynthesisRequest = Message<"toolchain.v1.StreamSynthesisReques
  * Use `create(StreamSynthesisRequestSchema)` to create a new message.
  */
 export const StreamSynthesisRequestSchema: GenMessage<StreamSynthesisRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 8);
+  messageDesc(file_toolchain_v1_toolchain, 9);
 
 /**
  * StreamSynthesisResponse is one message of a StreamSynthesis stream.
@@ -390,12 +512,13 @@ export type StreamSynthesisResponse = Message<"toolchain.v1.StreamSynthesisRespo
  * Use `create(StreamSynthesisResponseSchema)` to create a new message.
  */
 export const StreamSynthesisResponseSchema: GenMessage<StreamSynthesisResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 9);
+  messageDesc(file_toolchain_v1_toolchain, 10);
 
 /**
- * StageEvent is one event of a streamed stage. A stream is: Chunk events of the
- * tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
- * RPCs only), then exactly one of Done, Cancel or StageError, after which the
+ * StageEvent is one event of a streamed stage. A stream is: for each tool
+ * round (one unless StageRequest.max_rounds allows more), Chunk events of that
+ * round then its ToolSummary; Chunk events of the synthesis phase (synthesis
+ * RPCs only); then exactly one of Done, Cancel or StageError, after which the
  * stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
  * the error's code). A stream that fails before the tool phase ends has no
  * ToolSummary.
@@ -432,7 +555,7 @@ export type StageEvent = Message<"toolchain.v1.StageEvent"> & {
     case: "chunk";
   } | {
     /**
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      *
      * @generated from field: toolchain.v1.ToolSummary tool_summary = 4;
      */
@@ -470,7 +593,7 @@ export type StageEvent = Message<"toolchain.v1.StageEvent"> & {
  * Use `create(StageEventSchema)` to create a new message.
  */
 export const StageEventSchema: GenMessage<StageEvent> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 10);
+  messageDesc(file_toolchain_v1_toolchain, 11);
 
 /**
  * Chunk is a piece of model output as it was generated.
@@ -507,6 +630,14 @@ export type Chunk = Message<"toolchain.v1.Chunk"> & {
    * @generated from field: string finish_reason = 4;
    */
   finishReason: string;
+
+  /**
+   * The tool round that produced it, from 1 (phase TOOL); for phase
+   * SYNTHESIS, the number of the last tool round plus one.
+   *
+   * @generated from field: int32 round = 5;
+   */
+  round: number;
 };
 
 /**
@@ -514,7 +645,7 @@ export type Chunk = Message<"toolchain.v1.Chunk"> & {
  * Use `create(ChunkSchema)` to create a new message.
  */
 export const ChunkSchema: GenMessage<Chunk> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 11);
+  messageDesc(file_toolchain_v1_toolchain, 12);
 
 /**
  * ToolCallDelta is a fragment of one streamed tool call.
@@ -556,10 +687,10 @@ export type ToolCallDelta = Message<"toolchain.v1.ToolCallDelta"> & {
  * Use `create(ToolCallDeltaSchema)` to create a new message.
  */
 export const ToolCallDeltaSchema: GenMessage<ToolCallDelta> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 12);
+  messageDesc(file_toolchain_v1_toolchain, 13);
 
 /**
- * ToolSummary lists every tool call of the tool phase with its outcome.
+ * ToolSummary lists every tool call of one tool round with its outcome.
  *
  * @generated from message toolchain.v1.ToolSummary
  */
@@ -571,6 +702,13 @@ export type ToolSummary = Message<"toolchain.v1.ToolSummary"> & {
    * @generated from field: repeated toolchain.v1.ToolCallResult results = 1;
    */
   results: ToolCallResult[];
+
+  /**
+   * The tool round, from 1.
+   *
+   * @generated from field: int32 round = 2;
+   */
+  round: number;
 };
 
 /**
@@ -578,7 +716,7 @@ export type ToolSummary = Message<"toolchain.v1.ToolSummary"> & {
  * Use `create(ToolSummarySchema)` to create a new message.
  */
 export const ToolSummarySchema: GenMessage<ToolSummary> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 13);
+  messageDesc(file_toolchain_v1_toolchain, 14);
 
 /**
  * ToolCallResult is one tool call and its outcome.
@@ -634,6 +772,22 @@ export type ToolCallResult = Message<"toolchain.v1.ToolCallResult"> & {
    * @generated from field: google.protobuf.Duration duration = 7;
    */
   duration?: Duration | undefined;
+
+  /**
+   * The tool round of the call, from 1.
+   *
+   * @generated from field: int32 round = 8;
+   */
+  round: number;
+
+  /**
+   * The output was larger than the server passes on (configuration
+   * `tools.max_result_bytes`): `result` is a string holding the start of its
+   * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+   *
+   * @generated from field: bool truncated = 9;
+   */
+  truncated: boolean;
 };
 
 /**
@@ -641,7 +795,7 @@ export type ToolCallResult = Message<"toolchain.v1.ToolCallResult"> & {
  * Use `create(ToolCallResultSchema)` to create a new message.
  */
 export const ToolCallResultSchema: GenMessage<ToolCallResult> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 14);
+  messageDesc(file_toolchain_v1_toolchain, 15);
 
 /**
  * Usage counts the tokens of one model call, as the backend reported them.
@@ -676,7 +830,7 @@ export type Usage = Message<"toolchain.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 15);
+  messageDesc(file_toolchain_v1_toolchain, 16);
 
 /**
  * PhaseStats describes how one phase ran.
@@ -719,6 +873,13 @@ export type PhaseStats = Message<"toolchain.v1.PhaseStats"> & {
    * @generated from field: string model = 5;
    */
   model: string;
+
+  /**
+   * The tool round these statistics are of, from 1; 0 for a whole phase.
+   *
+   * @generated from field: int32 round = 6;
+   */
+  round: number;
 };
 
 /**
@@ -726,7 +887,7 @@ export type PhaseStats = Message<"toolchain.v1.PhaseStats"> & {
  * Use `create(PhaseStatsSchema)` to create a new message.
  */
 export const PhaseStatsSchema: GenMessage<PhaseStats> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 16);
+  messageDesc(file_toolchain_v1_toolchain, 17);
 
 /**
  * Done ends a stage that finished.
@@ -735,7 +896,9 @@ export const PhaseStatsSchema: GenMessage<PhaseStats> = /*@__PURE__*/
  */
 export type Done = Message<"toolchain.v1.Done"> & {
   /**
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    *
    * @generated from field: toolchain.v1.PhaseStats tool_phase = 1;
    */
@@ -750,12 +913,34 @@ export type Done = Message<"toolchain.v1.Done"> & {
   synthesisPhase?: PhaseStats | undefined;
 
   /**
-   * The whole final text: the synthesis answer, or the tool phase text when
-   * there was no synthesis phase.
+   * The whole final text: the synthesis answer, or the text of the last tool
+   * round when there was no synthesis phase.
    *
    * @generated from field: string text = 3;
    */
   text: string;
+
+  /**
+   * Statistics of each tool round, in order.
+   *
+   * @generated from field: repeated toolchain.v1.PhaseStats tool_rounds = 4;
+   */
+  toolRounds: PhaseStats[];
+
+  /**
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   *
+   * @generated from field: bool rounds_exhausted = 5;
+   */
+  roundsExhausted: boolean;
+
+  /**
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   *
+   * @generated from field: toolchain.v1.Usage total_usage = 6;
+   */
+  totalUsage?: Usage | undefined;
 };
 
 /**
@@ -763,7 +948,7 @@ export type Done = Message<"toolchain.v1.Done"> & {
  * Use `create(DoneSchema)` to create a new message.
  */
 export const DoneSchema: GenMessage<Done> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 17);
+  messageDesc(file_toolchain_v1_toolchain, 18);
 
 /**
  * Cancel ends a stage that was cancelled.
@@ -791,7 +976,7 @@ export type Cancel = Message<"toolchain.v1.Cancel"> & {
  * Use `create(CancelSchema)` to create a new message.
  */
 export const CancelSchema: GenMessage<Cancel> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 18);
+  messageDesc(file_toolchain_v1_toolchain, 19);
 
 /**
  * StageError ends a stage that failed. It says what the call's final status
@@ -862,7 +1047,7 @@ export type StageError = Message<"toolchain.v1.StageError"> & {
  * Use `create(StageErrorSchema)` to create a new message.
  */
 export const StageErrorSchema: GenMessage<StageError> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 19);
+  messageDesc(file_toolchain_v1_toolchain, 20);
 
 /**
  * CancelStageRequest names the stage to cancel.
@@ -883,7 +1068,7 @@ export type CancelStageRequest = Message<"toolchain.v1.CancelStageRequest"> & {
  * Use `create(CancelStageRequestSchema)` to create a new message.
  */
 export const CancelStageRequestSchema: GenMessage<CancelStageRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 20);
+  messageDesc(file_toolchain_v1_toolchain, 21);
 
 /**
  * CancelStageResponse confirms the cancellation was requested.
@@ -904,7 +1089,7 @@ export type CancelStageResponse = Message<"toolchain.v1.CancelStageResponse"> & 
  * Use `create(CancelStageResponseSchema)` to create a new message.
  */
 export const CancelStageResponseSchema: GenMessage<CancelStageResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 21);
+  messageDesc(file_toolchain_v1_toolchain, 22);
 
 /**
  * ListToolsRequest asks for the server's tools.
@@ -919,7 +1104,7 @@ export type ListToolsRequest = Message<"toolchain.v1.ListToolsRequest"> & {
  * Use `create(ListToolsRequestSchema)` to create a new message.
  */
 export const ListToolsRequestSchema: GenMessage<ListToolsRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 22);
+  messageDesc(file_toolchain_v1_toolchain, 23);
 
 /**
  * ListToolsResponse lists the server's tools.
@@ -940,7 +1125,7 @@ export type ListToolsResponse = Message<"toolchain.v1.ListToolsResponse"> & {
  * Use `create(ListToolsResponseSchema)` to create a new message.
  */
 export const ListToolsResponseSchema: GenMessage<ListToolsResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 23);
+  messageDesc(file_toolchain_v1_toolchain, 24);
 
 /**
  * Tool describes one tool the model may call.
@@ -975,6 +1160,14 @@ export type Tool = Message<"toolchain.v1.Tool"> & {
    * @generated from field: google.protobuf.Duration timeout = 5;
    */
   timeout?: Duration | undefined;
+
+  /**
+   * Where the tool comes from: "builtin", "plugin:<distribution>" (a Python
+   * package's entry point) or "mcp:<server>" (a configured MCP server).
+   *
+   * @generated from field: string source = 6;
+   */
+  source: string;
 };
 
 /**
@@ -982,7 +1175,50 @@ export type Tool = Message<"toolchain.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 24);
+  messageDesc(file_toolchain_v1_toolchain, 25);
+
+/**
+ * ToolChoiceMode is what the model must do about the offered tools.
+ *
+ * @generated from enum toolchain.v1.ToolChoiceMode
+ */
+export enum ToolChoiceMode {
+  /**
+   * Not set: auto.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The model decides whether to call tools.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_AUTO = 1;
+   */
+  AUTO = 1,
+
+  /**
+   * The model must call at least one tool. A backend that cannot enforce it
+   * is asked with "auto" and the tools the stage allows; if it then calls no
+   * tool, the round simply has no calls (the stage does not fail).
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_REQUIRED = 2;
+   */
+  REQUIRED = 2,
+
+  /**
+   * The model must not call a tool: the tools are not offered at all.
+   *
+   * @generated from enum value: TOOL_CHOICE_MODE_NONE = 3;
+   */
+  NONE = 3,
+}
+
+/**
+ * Describes the enum toolchain.v1.ToolChoiceMode.
+ */
+export const ToolChoiceModeSchema: GenEnum<ToolChoiceMode> = /*@__PURE__*/
+  enumDesc(file_toolchain_v1_toolchain, 0);
 
 /**
  * Phase names the two model calls of a stage.
@@ -1016,7 +1252,7 @@ export enum Phase {
  * Describes the enum toolchain.v1.Phase.
  */
 export const PhaseSchema: GenEnum<Phase> = /*@__PURE__*/
-  enumDesc(file_toolchain_v1_toolchain, 0);
+  enumDesc(file_toolchain_v1_toolchain, 1);
 
 /**
  * ToolOutcome says what became of one tool call.
@@ -1078,7 +1314,7 @@ export enum ToolOutcome {
  * Describes the enum toolchain.v1.ToolOutcome.
  */
 export const ToolOutcomeSchema: GenEnum<ToolOutcome> = /*@__PURE__*/
-  enumDesc(file_toolchain_v1_toolchain, 1);
+  enumDesc(file_toolchain_v1_toolchain, 2);
 
 /**
  * CancelReason says who cancelled a stage.
@@ -1126,7 +1362,7 @@ export enum CancelReason {
  * Describes the enum toolchain.v1.CancelReason.
  */
 export const CancelReasonSchema: GenEnum<CancelReason> = /*@__PURE__*/
-  enumDesc(file_toolchain_v1_toolchain, 2);
+  enumDesc(file_toolchain_v1_toolchain, 3);
 
 /**
  * ToolchainService runs tool stages: tool calls chosen by a model, validated

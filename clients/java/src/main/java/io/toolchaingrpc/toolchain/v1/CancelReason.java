@@ -168,7 +168,7 @@ public enum CancelReason
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(2);
+    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(3);
   }
 
   private static final CancelReason[] VALUES = values();

@@ -244,6 +244,22 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int ROUND_FIELD_NUMBER = 5;
+  private int round_ = 0;
+  /**
+   * <pre>
+   * The tool round that produced it, from 1 (phase TOOL); for phase
+   * SYNTHESIS, the number of the last tool round plus one.
+   * </pre>
+   *
+   * <code>int32 round = 5;</code>
+   * @return The round.
+   */
+  @java.lang.Override
+  public int getRound() {
+    return round_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -270,6 +286,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(finishReason_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 4, finishReason_);
     }
+    if (round_ != 0) {
+      output.writeInt32(5, round_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -292,6 +311,10 @@ private static final long serialVersionUID = 0L;
         }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(finishReason_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(4, finishReason_);
+    }
+    if (round_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(5, round_);
     }
     return size;
   }
@@ -324,6 +347,8 @@ private static final long serialVersionUID = 0L;
         .equals(other.getToolCallsList())) return false;
     if (!getFinishReason()
         .equals(other.getFinishReason())) return false;
+    if (getRound()
+        != other.getRound()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -345,6 +370,8 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + FINISH_REASON_FIELD_NUMBER;
     hash = (53 * hash) + getFinishReason().hashCode();
+    hash = (37 * hash) + ROUND_FIELD_NUMBER;
+    hash = (53 * hash) + getRound();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -490,6 +517,7 @@ private static final long serialVersionUID = 0L;
       }
       bitField0_ = (bitField0_ & ~0x00000004);
       finishReason_ = "";
+      round_ = 0;
       return this;
     }
 
@@ -545,6 +573,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000008) != 0)) {
         result.finishReason_ = finishReason_;
       }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.round_ = round_;
+      }
     }
 
     @java.lang.Override
@@ -597,6 +628,9 @@ private static final long serialVersionUID = 0L;
         finishReason_ = other.finishReason_;
         bitField0_ |= 0x00000008;
         onChanged();
+      }
+      if (other.getRound() != 0) {
+        setRound(other.getRound());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -652,6 +686,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000008;
               break;
             } // case 34
+            case 40: {
+              round_ = input.readInt32();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1256,6 +1295,53 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       finishReason_ = value;
       bitField0_ |= 0x00000008;
+      onChanged();
+      return this;
+    }
+
+    private int round_ ;
+    /**
+     * <pre>
+     * The tool round that produced it, from 1 (phase TOOL); for phase
+     * SYNTHESIS, the number of the last tool round plus one.
+     * </pre>
+     *
+     * <code>int32 round = 5;</code>
+     * @return The round.
+     */
+    @java.lang.Override
+    public int getRound() {
+      return round_;
+    }
+    /**
+     * <pre>
+     * The tool round that produced it, from 1 (phase TOOL); for phase
+     * SYNTHESIS, the number of the last tool round plus one.
+     * </pre>
+     *
+     * <code>int32 round = 5;</code>
+     * @param value The round to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRound(int value) {
+
+      round_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool round that produced it, from 1 (phase TOOL); for phase
+     * SYNTHESIS, the number of the last tool round plus one.
+     * </pre>
+     *
+     * <code>int32 round = 5;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRound() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      round_ = 0;
       onChanged();
       return this;
     }

@@ -119,4 +119,15 @@ public interface ChunkOrBuilder extends
    */
   com.google.protobuf.ByteString
       getFinishReasonBytes();
+
+  /**
+   * <pre>
+   * The tool round that produced it, from 1 (phase TOOL); for phase
+   * SYNTHESIS, the number of the last tool round plus one.
+   * </pre>
+   *
+   * <code>int32 round = 5;</code>
+   * @return The round.
+   */
+  int getRound();
 }

@@ -33,6 +33,7 @@ private static final long serialVersionUID = 0L;
   }
   private Done() {
     text_ = "";
+    toolRounds_ = java.util.Collections.emptyList();
   }
 
   public static final com.google.protobuf.Descriptors.Descriptor
@@ -58,7 +59,9 @@ private static final long serialVersionUID = 0L;
   private io.toolchaingrpc.toolchain.v1.PhaseStats toolPhase_;
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -70,7 +73,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -82,7 +87,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -138,8 +145,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object text_ = "";
   /**
    * <pre>
-   * The whole final text: the synthesis answer, or the tool phase text when
-   * there was no synthesis phase.
+   * The whole final text: the synthesis answer, or the text of the last tool
+   * round when there was no synthesis phase.
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -160,8 +167,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The whole final text: the synthesis answer, or the tool phase text when
-   * there was no synthesis phase.
+   * The whole final text: the synthesis answer, or the text of the last tool
+   * round when there was no synthesis phase.
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -180,6 +187,123 @@ private static final long serialVersionUID = 0L;
     } else {
       return (com.google.protobuf.ByteString) ref;
     }
+  }
+
+  public static final int TOOL_ROUNDS_FIELD_NUMBER = 4;
+  @SuppressWarnings("serial")
+  private java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> toolRounds_;
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  @java.lang.Override
+  public java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> getToolRoundsList() {
+    return toolRounds_;
+  }
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  @java.lang.Override
+  public java.util.List<? extends io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+      getToolRoundsOrBuilderList() {
+    return toolRounds_;
+  }
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  @java.lang.Override
+  public int getToolRoundsCount() {
+    return toolRounds_.size();
+  }
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.PhaseStats getToolRounds(int index) {
+    return toolRounds_.get(index);
+  }
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolRoundsOrBuilder(
+      int index) {
+    return toolRounds_.get(index);
+  }
+
+  public static final int ROUNDS_EXHAUSTED_FIELD_NUMBER = 5;
+  private boolean roundsExhausted_ = false;
+  /**
+   * <pre>
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * </pre>
+   *
+   * <code>bool rounds_exhausted = 5;</code>
+   * @return The roundsExhausted.
+   */
+  @java.lang.Override
+  public boolean getRoundsExhausted() {
+    return roundsExhausted_;
+  }
+
+  public static final int TOTAL_USAGE_FIELD_NUMBER = 6;
+  private io.toolchaingrpc.toolchain.v1.Usage totalUsage_;
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   * @return Whether the totalUsage field is set.
+   */
+  @java.lang.Override
+  public boolean hasTotalUsage() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   * @return The totalUsage.
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.Usage getTotalUsage() {
+    return totalUsage_ == null ? io.toolchaingrpc.toolchain.v1.Usage.getDefaultInstance() : totalUsage_;
+  }
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.UsageOrBuilder getTotalUsageOrBuilder() {
+    return totalUsage_ == null ? io.toolchaingrpc.toolchain.v1.Usage.getDefaultInstance() : totalUsage_;
   }
 
   private byte memoizedIsInitialized = -1;
@@ -205,6 +329,15 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(text_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 3, text_);
     }
+    for (int i = 0; i < toolRounds_.size(); i++) {
+      output.writeMessage(4, toolRounds_.get(i));
+    }
+    if (roundsExhausted_ != false) {
+      output.writeBool(5, roundsExhausted_);
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeMessage(6, getTotalUsage());
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -219,6 +352,23 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(text_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(3, text_);
+    }
+
+        {
+          final int count = toolRounds_.size();
+          for (int i = 0; i < count; i++) {
+            size += com.google.protobuf.CodedOutputStream
+              .computeMessageSizeNoTag(toolRounds_.get(i));
+          }
+          size += 1 * count;
+        }
+    if (roundsExhausted_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(5, roundsExhausted_);
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(6, getTotalUsage());
     }
     return size;
   }
@@ -256,6 +406,15 @@ private static final long serialVersionUID = 0L;
     }
     if (!getText()
         .equals(other.getText())) return false;
+    if (!getToolRoundsList()
+        .equals(other.getToolRoundsList())) return false;
+    if (getRoundsExhausted()
+        != other.getRoundsExhausted()) return false;
+    if (hasTotalUsage() != other.hasTotalUsage()) return false;
+    if (hasTotalUsage()) {
+      if (!getTotalUsage()
+          .equals(other.getTotalUsage())) return false;
+    }
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -277,6 +436,17 @@ private static final long serialVersionUID = 0L;
     }
     hash = (37 * hash) + TEXT_FIELD_NUMBER;
     hash = (53 * hash) + getText().hashCode();
+    if (getToolRoundsCount() > 0) {
+      hash = (37 * hash) + TOOL_ROUNDS_FIELD_NUMBER;
+      hash = (53 * hash) + getToolRoundsList().hashCode();
+    }
+    hash = (37 * hash) + ROUNDS_EXHAUSTED_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getRoundsExhausted());
+    if (hasTotalUsage()) {
+      hash = (37 * hash) + TOTAL_USAGE_FIELD_NUMBER;
+      hash = (53 * hash) + getTotalUsage().hashCode();
+    }
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -413,6 +583,8 @@ private static final long serialVersionUID = 0L;
               .alwaysUseFieldBuilders) {
         internalGetToolPhaseFieldBuilder();
         internalGetSynthesisPhaseFieldBuilder();
+        internalGetToolRoundsFieldBuilder();
+        internalGetTotalUsageFieldBuilder();
       }
     }
     @java.lang.Override
@@ -430,6 +602,19 @@ private static final long serialVersionUID = 0L;
         synthesisPhaseBuilder_ = null;
       }
       text_ = "";
+      if (toolRoundsBuilder_ == null) {
+        toolRounds_ = java.util.Collections.emptyList();
+      } else {
+        toolRounds_ = null;
+        toolRoundsBuilder_.clear();
+      }
+      bitField0_ = (bitField0_ & ~0x00000008);
+      roundsExhausted_ = false;
+      totalUsage_ = null;
+      if (totalUsageBuilder_ != null) {
+        totalUsageBuilder_.dispose();
+        totalUsageBuilder_ = null;
+      }
       return this;
     }
 
@@ -456,9 +641,22 @@ private static final long serialVersionUID = 0L;
     @java.lang.Override
     public io.toolchaingrpc.toolchain.v1.Done buildPartial() {
       io.toolchaingrpc.toolchain.v1.Done result = new io.toolchaingrpc.toolchain.v1.Done(this);
+      buildPartialRepeatedFields(result);
       if (bitField0_ != 0) { buildPartial0(result); }
       onBuilt();
       return result;
+    }
+
+    private void buildPartialRepeatedFields(io.toolchaingrpc.toolchain.v1.Done result) {
+      if (toolRoundsBuilder_ == null) {
+        if (((bitField0_ & 0x00000008) != 0)) {
+          toolRounds_ = java.util.Collections.unmodifiableList(toolRounds_);
+          bitField0_ = (bitField0_ & ~0x00000008);
+        }
+        result.toolRounds_ = toolRounds_;
+      } else {
+        result.toolRounds_ = toolRoundsBuilder_.build();
+      }
     }
 
     private void buildPartial0(io.toolchaingrpc.toolchain.v1.Done result) {
@@ -478,6 +676,15 @@ private static final long serialVersionUID = 0L;
       }
       if (((from_bitField0_ & 0x00000004) != 0)) {
         result.text_ = text_;
+      }
+      if (((from_bitField0_ & 0x00000010) != 0)) {
+        result.roundsExhausted_ = roundsExhausted_;
+      }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.totalUsage_ = totalUsageBuilder_ == null
+            ? totalUsage_
+            : totalUsageBuilder_.build();
+        to_bitField0_ |= 0x00000004;
       }
       result.bitField0_ |= to_bitField0_;
     }
@@ -504,6 +711,38 @@ private static final long serialVersionUID = 0L;
         text_ = other.text_;
         bitField0_ |= 0x00000004;
         onChanged();
+      }
+      if (toolRoundsBuilder_ == null) {
+        if (!other.toolRounds_.isEmpty()) {
+          if (toolRounds_.isEmpty()) {
+            toolRounds_ = other.toolRounds_;
+            bitField0_ = (bitField0_ & ~0x00000008);
+          } else {
+            ensureToolRoundsIsMutable();
+            toolRounds_.addAll(other.toolRounds_);
+          }
+          onChanged();
+        }
+      } else {
+        if (!other.toolRounds_.isEmpty()) {
+          if (toolRoundsBuilder_.isEmpty()) {
+            toolRoundsBuilder_.dispose();
+            toolRoundsBuilder_ = null;
+            toolRounds_ = other.toolRounds_;
+            bitField0_ = (bitField0_ & ~0x00000008);
+            toolRoundsBuilder_ = 
+              com.google.protobuf.GeneratedMessage.alwaysUseFieldBuilders ?
+                 internalGetToolRoundsFieldBuilder() : null;
+          } else {
+            toolRoundsBuilder_.addAllMessages(other.toolRounds_);
+          }
+        }
+      }
+      if (other.getRoundsExhausted() != false) {
+        setRoundsExhausted(other.getRoundsExhausted());
+      }
+      if (other.hasTotalUsage()) {
+        mergeTotalUsage(other.getTotalUsage());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -550,6 +789,31 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000004;
               break;
             } // case 26
+            case 34: {
+              io.toolchaingrpc.toolchain.v1.PhaseStats m =
+                  input.readMessage(
+                      io.toolchaingrpc.toolchain.v1.PhaseStats.parser(),
+                      extensionRegistry);
+              if (toolRoundsBuilder_ == null) {
+                ensureToolRoundsIsMutable();
+                toolRounds_.add(m);
+              } else {
+                toolRoundsBuilder_.addMessage(m);
+              }
+              break;
+            } // case 34
+            case 40: {
+              roundsExhausted_ = input.readBool();
+              bitField0_ |= 0x00000010;
+              break;
+            } // case 40
+            case 50: {
+              input.readMessage(
+                  internalGetTotalUsageFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 50
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -572,7 +836,9 @@ private static final long serialVersionUID = 0L;
         io.toolchaingrpc.toolchain.v1.PhaseStats, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder, io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> toolPhaseBuilder_;
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -583,7 +849,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -598,7 +866,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -618,7 +888,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -636,7 +908,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -661,7 +935,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -678,7 +954,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -690,7 +968,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -705,7 +985,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Statistics of the tool phase.
+     * Statistics of the tool phase: of its one round, or of all its rounds
+     * together (usage, duration and retries summed; the last round's finish
+     * reason).
      * </pre>
      *
      * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -893,8 +1175,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object text_ = "";
     /**
      * <pre>
-     * The whole final text: the synthesis answer, or the tool phase text when
-     * there was no synthesis phase.
+     * The whole final text: the synthesis answer, or the text of the last tool
+     * round when there was no synthesis phase.
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -914,8 +1196,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The whole final text: the synthesis answer, or the tool phase text when
-     * there was no synthesis phase.
+     * The whole final text: the synthesis answer, or the text of the last tool
+     * round when there was no synthesis phase.
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -936,8 +1218,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The whole final text: the synthesis answer, or the tool phase text when
-     * there was no synthesis phase.
+     * The whole final text: the synthesis answer, or the text of the last tool
+     * round when there was no synthesis phase.
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -954,8 +1236,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The whole final text: the synthesis answer, or the tool phase text when
-     * there was no synthesis phase.
+     * The whole final text: the synthesis answer, or the text of the last tool
+     * round when there was no synthesis phase.
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -969,8 +1251,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The whole final text: the synthesis answer, or the tool phase text when
-     * there was no synthesis phase.
+     * The whole final text: the synthesis answer, or the text of the last tool
+     * round when there was no synthesis phase.
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -985,6 +1267,528 @@ private static final long serialVersionUID = 0L;
       bitField0_ |= 0x00000004;
       onChanged();
       return this;
+    }
+
+    private java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> toolRounds_ =
+      java.util.Collections.emptyList();
+    private void ensureToolRoundsIsMutable() {
+      if (!((bitField0_ & 0x00000008) != 0)) {
+        toolRounds_ = new java.util.ArrayList<io.toolchaingrpc.toolchain.v1.PhaseStats>(toolRounds_);
+        bitField0_ |= 0x00000008;
+       }
+    }
+
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.PhaseStats, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder, io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> toolRoundsBuilder_;
+
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> getToolRoundsList() {
+      if (toolRoundsBuilder_ == null) {
+        return java.util.Collections.unmodifiableList(toolRounds_);
+      } else {
+        return toolRoundsBuilder_.getMessageList();
+      }
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public int getToolRoundsCount() {
+      if (toolRoundsBuilder_ == null) {
+        return toolRounds_.size();
+      } else {
+        return toolRoundsBuilder_.getCount();
+      }
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.PhaseStats getToolRounds(int index) {
+      if (toolRoundsBuilder_ == null) {
+        return toolRounds_.get(index);
+      } else {
+        return toolRoundsBuilder_.getMessage(index);
+      }
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder setToolRounds(
+        int index, io.toolchaingrpc.toolchain.v1.PhaseStats value) {
+      if (toolRoundsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolRoundsIsMutable();
+        toolRounds_.set(index, value);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.setMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder setToolRounds(
+        int index, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder builderForValue) {
+      if (toolRoundsBuilder_ == null) {
+        ensureToolRoundsIsMutable();
+        toolRounds_.set(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolRoundsBuilder_.setMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder addToolRounds(io.toolchaingrpc.toolchain.v1.PhaseStats value) {
+      if (toolRoundsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolRoundsIsMutable();
+        toolRounds_.add(value);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.addMessage(value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder addToolRounds(
+        int index, io.toolchaingrpc.toolchain.v1.PhaseStats value) {
+      if (toolRoundsBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        ensureToolRoundsIsMutable();
+        toolRounds_.add(index, value);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.addMessage(index, value);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder addToolRounds(
+        io.toolchaingrpc.toolchain.v1.PhaseStats.Builder builderForValue) {
+      if (toolRoundsBuilder_ == null) {
+        ensureToolRoundsIsMutable();
+        toolRounds_.add(builderForValue.build());
+        onChanged();
+      } else {
+        toolRoundsBuilder_.addMessage(builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder addToolRounds(
+        int index, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder builderForValue) {
+      if (toolRoundsBuilder_ == null) {
+        ensureToolRoundsIsMutable();
+        toolRounds_.add(index, builderForValue.build());
+        onChanged();
+      } else {
+        toolRoundsBuilder_.addMessage(index, builderForValue.build());
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder addAllToolRounds(
+        java.lang.Iterable<? extends io.toolchaingrpc.toolchain.v1.PhaseStats> values) {
+      if (toolRoundsBuilder_ == null) {
+        ensureToolRoundsIsMutable();
+        com.google.protobuf.AbstractMessageLite.Builder.addAll(
+            values, toolRounds_);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.addAllMessages(values);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder clearToolRounds() {
+      if (toolRoundsBuilder_ == null) {
+        toolRounds_ = java.util.Collections.emptyList();
+        bitField0_ = (bitField0_ & ~0x00000008);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.clear();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public Builder removeToolRounds(int index) {
+      if (toolRoundsBuilder_ == null) {
+        ensureToolRoundsIsMutable();
+        toolRounds_.remove(index);
+        onChanged();
+      } else {
+        toolRoundsBuilder_.remove(index);
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.PhaseStats.Builder getToolRoundsBuilder(
+        int index) {
+      return internalGetToolRoundsFieldBuilder().getBuilder(index);
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolRoundsOrBuilder(
+        int index) {
+      if (toolRoundsBuilder_ == null) {
+        return toolRounds_.get(index);  } else {
+        return toolRoundsBuilder_.getMessageOrBuilder(index);
+      }
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public java.util.List<? extends io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+         getToolRoundsOrBuilderList() {
+      if (toolRoundsBuilder_ != null) {
+        return toolRoundsBuilder_.getMessageOrBuilderList();
+      } else {
+        return java.util.Collections.unmodifiableList(toolRounds_);
+      }
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.PhaseStats.Builder addToolRoundsBuilder() {
+      return internalGetToolRoundsFieldBuilder().addBuilder(
+          io.toolchaingrpc.toolchain.v1.PhaseStats.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.PhaseStats.Builder addToolRoundsBuilder(
+        int index) {
+      return internalGetToolRoundsFieldBuilder().addBuilder(
+          index, io.toolchaingrpc.toolchain.v1.PhaseStats.getDefaultInstance());
+    }
+    /**
+     * <pre>
+     * Statistics of each tool round, in order.
+     * </pre>
+     *
+     * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+     */
+    public java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats.Builder> 
+         getToolRoundsBuilderList() {
+      return internalGetToolRoundsFieldBuilder().getBuilderList();
+    }
+    private com.google.protobuf.RepeatedFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.PhaseStats, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder, io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+        internalGetToolRoundsFieldBuilder() {
+      if (toolRoundsBuilder_ == null) {
+        toolRoundsBuilder_ = new com.google.protobuf.RepeatedFieldBuilder<
+            io.toolchaingrpc.toolchain.v1.PhaseStats, io.toolchaingrpc.toolchain.v1.PhaseStats.Builder, io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder>(
+                toolRounds_,
+                ((bitField0_ & 0x00000008) != 0),
+                getParentForChildren(),
+                isClean());
+        toolRounds_ = null;
+      }
+      return toolRoundsBuilder_;
+    }
+
+    private boolean roundsExhausted_ ;
+    /**
+     * <pre>
+     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * </pre>
+     *
+     * <code>bool rounds_exhausted = 5;</code>
+     * @return The roundsExhausted.
+     */
+    @java.lang.Override
+    public boolean getRoundsExhausted() {
+      return roundsExhausted_;
+    }
+    /**
+     * <pre>
+     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * </pre>
+     *
+     * <code>bool rounds_exhausted = 5;</code>
+     * @param value The roundsExhausted to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRoundsExhausted(boolean value) {
+
+      roundsExhausted_ = value;
+      bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * </pre>
+     *
+     * <code>bool rounds_exhausted = 5;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRoundsExhausted() {
+      bitField0_ = (bitField0_ & ~0x00000010);
+      roundsExhausted_ = false;
+      onChanged();
+      return this;
+    }
+
+    private io.toolchaingrpc.toolchain.v1.Usage totalUsage_;
+    private com.google.protobuf.SingleFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.Usage, io.toolchaingrpc.toolchain.v1.Usage.Builder, io.toolchaingrpc.toolchain.v1.UsageOrBuilder> totalUsageBuilder_;
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     * @return Whether the totalUsage field is set.
+     */
+    public boolean hasTotalUsage() {
+      return ((bitField0_ & 0x00000020) != 0);
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     * @return The totalUsage.
+     */
+    public io.toolchaingrpc.toolchain.v1.Usage getTotalUsage() {
+      if (totalUsageBuilder_ == null) {
+        return totalUsage_ == null ? io.toolchaingrpc.toolchain.v1.Usage.getDefaultInstance() : totalUsage_;
+      } else {
+        return totalUsageBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public Builder setTotalUsage(io.toolchaingrpc.toolchain.v1.Usage value) {
+      if (totalUsageBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        totalUsage_ = value;
+      } else {
+        totalUsageBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public Builder setTotalUsage(
+        io.toolchaingrpc.toolchain.v1.Usage.Builder builderForValue) {
+      if (totalUsageBuilder_ == null) {
+        totalUsage_ = builderForValue.build();
+      } else {
+        totalUsageBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public Builder mergeTotalUsage(io.toolchaingrpc.toolchain.v1.Usage value) {
+      if (totalUsageBuilder_ == null) {
+        if (((bitField0_ & 0x00000020) != 0) &&
+          totalUsage_ != null &&
+          totalUsage_ != io.toolchaingrpc.toolchain.v1.Usage.getDefaultInstance()) {
+          getTotalUsageBuilder().mergeFrom(value);
+        } else {
+          totalUsage_ = value;
+        }
+      } else {
+        totalUsageBuilder_.mergeFrom(value);
+      }
+      if (totalUsage_ != null) {
+        bitField0_ |= 0x00000020;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public Builder clearTotalUsage() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      totalUsage_ = null;
+      if (totalUsageBuilder_ != null) {
+        totalUsageBuilder_.dispose();
+        totalUsageBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.Usage.Builder getTotalUsageBuilder() {
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return internalGetTotalUsageFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.UsageOrBuilder getTotalUsageOrBuilder() {
+      if (totalUsageBuilder_ != null) {
+        return totalUsageBuilder_.getMessageOrBuilder();
+      } else {
+        return totalUsage_ == null ?
+            io.toolchaingrpc.toolchain.v1.Usage.getDefaultInstance() : totalUsage_;
+      }
+    }
+    /**
+     * <pre>
+     * Token usage of every model call of the stage together; unset when the
+     * backend reported none.
+     * </pre>
+     *
+     * <code>.toolchain.v1.Usage total_usage = 6;</code>
+     */
+    private com.google.protobuf.SingleFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.Usage, io.toolchaingrpc.toolchain.v1.Usage.Builder, io.toolchaingrpc.toolchain.v1.UsageOrBuilder> 
+        internalGetTotalUsageFieldBuilder() {
+      if (totalUsageBuilder_ == null) {
+        totalUsageBuilder_ = new com.google.protobuf.SingleFieldBuilder<
+            io.toolchaingrpc.toolchain.v1.Usage, io.toolchaingrpc.toolchain.v1.Usage.Builder, io.toolchaingrpc.toolchain.v1.UsageOrBuilder>(
+                getTotalUsage(),
+                getParentForChildren(),
+                isClean());
+        totalUsage_ = null;
+      }
+      return totalUsageBuilder_;
     }
 
     // @@protoc_insertion_point(builder_scope:toolchain.v1.Done)

@@ -12,7 +12,9 @@ public interface DoneOrBuilder extends
 
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -21,7 +23,9 @@ public interface DoneOrBuilder extends
   boolean hasToolPhase();
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -30,7 +34,9 @@ public interface DoneOrBuilder extends
   io.toolchaingrpc.toolchain.v1.PhaseStats getToolPhase();
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 1;</code>
@@ -69,8 +75,8 @@ public interface DoneOrBuilder extends
 
   /**
    * <pre>
-   * The whole final text: the synthesis answer, or the tool phase text when
-   * there was no synthesis phase.
+   * The whole final text: the synthesis answer, or the text of the last tool
+   * round when there was no synthesis phase.
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -79,8 +85,8 @@ public interface DoneOrBuilder extends
   java.lang.String getText();
   /**
    * <pre>
-   * The whole final text: the synthesis answer, or the tool phase text when
-   * there was no synthesis phase.
+   * The whole final text: the synthesis answer, or the text of the last tool
+   * round when there was no synthesis phase.
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -88,4 +94,88 @@ public interface DoneOrBuilder extends
    */
   com.google.protobuf.ByteString
       getTextBytes();
+
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> 
+      getToolRoundsList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStats getToolRounds(int index);
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  int getToolRoundsCount();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  java.util.List<? extends io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+      getToolRoundsOrBuilderList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 4;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolRoundsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * </pre>
+   *
+   * <code>bool rounds_exhausted = 5;</code>
+   * @return The roundsExhausted.
+   */
+  boolean getRoundsExhausted();
+
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   * @return Whether the totalUsage field is set.
+   */
+  boolean hasTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   * @return The totalUsage.
+   */
+  io.toolchaingrpc.toolchain.v1.Usage getTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 6;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.UsageOrBuilder getTotalUsageOrBuilder();
 }

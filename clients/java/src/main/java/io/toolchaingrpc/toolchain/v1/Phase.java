@@ -134,7 +134,7 @@ public enum Phase
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(0);
+    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(1);
   }
 
   private static final Phase[] VALUES = values();

@@ -242,6 +242,21 @@ private static final long serialVersionUID = 0L;
     }
   }
 
+  public static final int ROUND_FIELD_NUMBER = 6;
+  private int round_ = 0;
+  /**
+   * <pre>
+   * The tool round these statistics are of, from 1; 0 for a whole phase.
+   * </pre>
+   *
+   * <code>int32 round = 6;</code>
+   * @return The round.
+   */
+  @java.lang.Override
+  public int getRound() {
+    return round_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -271,6 +286,9 @@ private static final long serialVersionUID = 0L;
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(model_)) {
       com.google.protobuf.GeneratedMessage.writeString(output, 5, model_);
     }
+    if (round_ != 0) {
+      output.writeInt32(6, round_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -292,6 +310,10 @@ private static final long serialVersionUID = 0L;
     }
     if (!com.google.protobuf.GeneratedMessage.isStringEmpty(model_)) {
       size += com.google.protobuf.GeneratedMessage.computeStringSize(5, model_);
+    }
+    if (round_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(6, round_);
     }
     return size;
   }
@@ -333,6 +355,8 @@ private static final long serialVersionUID = 0L;
         != other.getRetries()) return false;
     if (!getModel()
         .equals(other.getModel())) return false;
+    if (getRound()
+        != other.getRound()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -358,6 +382,8 @@ private static final long serialVersionUID = 0L;
     hash = (53 * hash) + getRetries();
     hash = (37 * hash) + MODEL_FIELD_NUMBER;
     hash = (53 * hash) + getModel().hashCode();
+    hash = (37 * hash) + ROUND_FIELD_NUMBER;
+    hash = (53 * hash) + getRound();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -513,6 +539,7 @@ private static final long serialVersionUID = 0L;
       }
       retries_ = 0;
       model_ = "";
+      round_ = 0;
       return this;
     }
 
@@ -568,6 +595,9 @@ private static final long serialVersionUID = 0L;
       if (((from_bitField0_ & 0x00000010) != 0)) {
         result.model_ = model_;
       }
+      if (((from_bitField0_ & 0x00000020) != 0)) {
+        result.round_ = round_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -601,6 +631,9 @@ private static final long serialVersionUID = 0L;
         model_ = other.model_;
         bitField0_ |= 0x00000010;
         onChanged();
+      }
+      if (other.getRound() != 0) {
+        setRound(other.getRound());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -657,6 +690,11 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000010;
               break;
             } // case 42
+            case 48: {
+              round_ = input.readInt32();
+              bitField0_ |= 0x00000020;
+              break;
+            } // case 48
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1217,6 +1255,50 @@ private static final long serialVersionUID = 0L;
       checkByteStringIsUtf8(value);
       model_ = value;
       bitField0_ |= 0x00000010;
+      onChanged();
+      return this;
+    }
+
+    private int round_ ;
+    /**
+     * <pre>
+     * The tool round these statistics are of, from 1; 0 for a whole phase.
+     * </pre>
+     *
+     * <code>int32 round = 6;</code>
+     * @return The round.
+     */
+    @java.lang.Override
+    public int getRound() {
+      return round_;
+    }
+    /**
+     * <pre>
+     * The tool round these statistics are of, from 1; 0 for a whole phase.
+     * </pre>
+     *
+     * <code>int32 round = 6;</code>
+     * @param value The round to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRound(int value) {
+
+      round_ = value;
+      bitField0_ |= 0x00000020;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool round these statistics are of, from 1; 0 for a whole phase.
+     * </pre>
+     *
+     * <code>int32 round = 6;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRound() {
+      bitField0_ = (bitField0_ & ~0x00000020);
+      round_ = 0;
       onChanged();
       return this;
     }

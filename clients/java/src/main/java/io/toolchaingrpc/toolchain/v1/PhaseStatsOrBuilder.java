@@ -115,4 +115,14 @@ public interface PhaseStatsOrBuilder extends
    */
   com.google.protobuf.ByteString
       getModelBytes();
+
+  /**
+   * <pre>
+   * The tool round these statistics are of, from 1; 0 for a whole phase.
+   * </pre>
+   *
+   * <code>int32 round = 6;</code>
+   * @return The round.
+   */
+  int getRound();
 }

@@ -152,4 +152,88 @@ public interface RunSynthesisResponseOrBuilder extends
    * <code>.toolchain.v1.PhaseStats synthesis_phase = 5;</code>
    */
   io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getSynthesisPhaseOrBuilder();
+
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 6;</code>
+   */
+  java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> 
+      getToolRoundsList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 6;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStats getToolRounds(int index);
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 6;</code>
+   */
+  int getToolRoundsCount();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 6;</code>
+   */
+  java.util.List<? extends io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+      getToolRoundsOrBuilderList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order.
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 6;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolRoundsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * </pre>
+   *
+   * <code>bool rounds_exhausted = 7;</code>
+   * @return The roundsExhausted.
+   */
+  boolean getRoundsExhausted();
+
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 8;</code>
+   * @return Whether the totalUsage field is set.
+   */
+  boolean hasTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 8;</code>
+   * @return The totalUsage.
+   */
+  io.toolchaingrpc.toolchain.v1.Usage getTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 8;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.UsageOrBuilder getTotalUsageOrBuilder();
 }

@@ -103,7 +103,9 @@ public interface RunToolsResponseOrBuilder extends
 
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 4;</code>
@@ -112,7 +114,9 @@ public interface RunToolsResponseOrBuilder extends
   boolean hasToolPhase();
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 4;</code>
@@ -121,10 +125,96 @@ public interface RunToolsResponseOrBuilder extends
   io.toolchaingrpc.toolchain.v1.PhaseStats getToolPhase();
   /**
    * <pre>
-   * Statistics of the tool phase.
+   * Statistics of the tool phase: of its one round, or of all its rounds
+   * together (usage, duration and retries summed; the last round's finish
+   * reason).
    * </pre>
    *
    * <code>.toolchain.v1.PhaseStats tool_phase = 4;</code>
    */
   io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolPhaseOrBuilder();
+
+  /**
+   * <pre>
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 5;</code>
+   */
+  java.util.List<io.toolchaingrpc.toolchain.v1.PhaseStats> 
+      getToolRoundsList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 5;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStats getToolRounds(int index);
+  /**
+   * <pre>
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 5;</code>
+   */
+  int getToolRoundsCount();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 5;</code>
+   */
+  java.util.List<? extends io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder> 
+      getToolRoundsOrBuilderList();
+  /**
+   * <pre>
+   * Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
+   * </pre>
+   *
+   * <code>repeated .toolchain.v1.PhaseStats tool_rounds = 5;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.PhaseStatsOrBuilder getToolRoundsOrBuilder(
+      int index);
+
+  /**
+   * <pre>
+   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * </pre>
+   *
+   * <code>bool rounds_exhausted = 6;</code>
+   * @return The roundsExhausted.
+   */
+  boolean getRoundsExhausted();
+
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 7;</code>
+   * @return Whether the totalUsage field is set.
+   */
+  boolean hasTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 7;</code>
+   * @return The totalUsage.
+   */
+  io.toolchaingrpc.toolchain.v1.Usage getTotalUsage();
+  /**
+   * <pre>
+   * Token usage of every model call of the stage together; unset when the
+   * backend reported none.
+   * </pre>
+   *
+   * <code>.toolchain.v1.Usage total_usage = 7;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.UsageOrBuilder getTotalUsageOrBuilder();
 }

@@ -7,9 +7,10 @@ package io.toolchaingrpc.toolchain.v1;
 
 /**
  * <pre>
- * StageEvent is one event of a streamed stage. A stream is: Chunk events of the
- * tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
- * RPCs only), then exactly one of Done, Cancel or StageError, after which the
+ * StageEvent is one event of a streamed stage. A stream is: for each tool
+ * round (one unless StageRequest.max_rounds allows more), Chunk events of that
+ * round then its ToolSummary; Chunk events of the synthesis phase (synthesis
+ * RPCs only); then exactly one of Done, Cancel or StageError, after which the
  * stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
  * the error's code). A stream that fails before the tool phase ends has no
  * ToolSummary.
@@ -214,7 +215,7 @@ private static final long serialVersionUID = 0L;
   public static final int TOOL_SUMMARY_FIELD_NUMBER = 4;
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -226,7 +227,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -241,7 +242,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -640,9 +641,10 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * StageEvent is one event of a streamed stage. A stream is: Chunk events of the
-   * tool phase, one ToolSummary, Chunk events of the synthesis phase (synthesis
-   * RPCs only), then exactly one of Done, Cancel or StageError, after which the
+   * StageEvent is one event of a streamed stage. A stream is: for each tool
+   * round (one unless StageRequest.max_rounds allows more), Chunk events of that
+   * round then its ToolSummary; Chunk events of the synthesis phase (synthesis
+   * RPCs only); then exactly one of Done, Cancel or StageError, after which the
    * stream ends with the matching status (OK, CANCELLED or DEADLINE_EXCEEDED,
    * the error's code). A stream that fails before the tool phase ends has no
    * ToolSummary.
@@ -1233,7 +1235,7 @@ private static final long serialVersionUID = 0L;
         io.toolchaingrpc.toolchain.v1.ToolSummary, io.toolchaingrpc.toolchain.v1.ToolSummary.Builder, io.toolchaingrpc.toolchain.v1.ToolSummaryOrBuilder> toolSummaryBuilder_;
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1245,7 +1247,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1267,7 +1269,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1287,7 +1289,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1305,7 +1307,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1332,7 +1334,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1355,7 +1357,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1365,7 +1367,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -1383,7 +1385,7 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The tool calls of the tool phase and their results; sent once.
+     * The tool calls of one tool round and their results; once per round.
      * </pre>
      *
      * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>

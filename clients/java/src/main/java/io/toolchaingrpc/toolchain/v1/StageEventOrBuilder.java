@@ -69,7 +69,7 @@ public interface StageEventOrBuilder extends
 
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -78,7 +78,7 @@ public interface StageEventOrBuilder extends
   boolean hasToolSummary();
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>
@@ -87,7 +87,7 @@ public interface StageEventOrBuilder extends
   io.toolchaingrpc.toolchain.v1.ToolSummary getToolSummary();
   /**
    * <pre>
-   * The tool calls of the tool phase and their results; sent once.
+   * The tool calls of one tool round and their results; once per round.
    * </pre>
    *
    * <code>.toolchain.v1.ToolSummary tool_summary = 4;</code>

@@ -445,6 +445,115 @@ private static final long serialVersionUID = 0L;
     return tools_.getByteString(index);
   }
 
+  public static final int MAX_ROUNDS_FIELD_NUMBER = 9;
+  private int maxRounds_ = 0;
+  /**
+   * <pre>
+   * How many tool rounds the model may have, 1 to the server's max_rounds
+   * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+   * (1 unless configured). A round is one model call with the tools offered,
+   * then its valid calls executed. After a round with calls, the next round
+   * sends the model every result so far, with the tools still offered, so it
+   * may call more; a round without calls ends the loop and its text is the
+   * answer (Done.text; no synthesis phase). When the last allowed round still
+   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+   * synthesis phase (tools not offered) on all results, tools-only RPCs end
+   * with that round's text. 1 is the classic two-phase stage.
+   * </pre>
+   *
+   * <code>optional int32 max_rounds = 9;</code>
+   * @return Whether the maxRounds field is set.
+   */
+  @java.lang.Override
+  public boolean hasMaxRounds() {
+    return ((bitField0_ & 0x00000004) != 0);
+  }
+  /**
+   * <pre>
+   * How many tool rounds the model may have, 1 to the server's max_rounds
+   * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+   * (1 unless configured). A round is one model call with the tools offered,
+   * then its valid calls executed. After a round with calls, the next round
+   * sends the model every result so far, with the tools still offered, so it
+   * may call more; a round without calls ends the loop and its text is the
+   * answer (Done.text; no synthesis phase). When the last allowed round still
+   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+   * synthesis phase (tools not offered) on all results, tools-only RPCs end
+   * with that round's text. 1 is the classic two-phase stage.
+   * </pre>
+   *
+   * <code>optional int32 max_rounds = 9;</code>
+   * @return The maxRounds.
+   */
+  @java.lang.Override
+  public int getMaxRounds() {
+    return maxRounds_;
+  }
+
+  public static final int TOOL_CHOICE_FIELD_NUMBER = 10;
+  private io.toolchaingrpc.toolchain.v1.ToolChoice toolChoice_;
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   * @return Whether the toolChoice field is set.
+   */
+  @java.lang.Override
+  public boolean hasToolChoice() {
+    return ((bitField0_ & 0x00000008) != 0);
+  }
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   * @return The toolChoice.
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.ToolChoice getToolChoice() {
+    return toolChoice_ == null ? io.toolchaingrpc.toolchain.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   */
+  @java.lang.Override
+  public io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+    return toolChoice_ == null ? io.toolchaingrpc.toolchain.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+  }
+
+  public static final int REPAIR_INVALID_CALLS_FIELD_NUMBER = 11;
+  private boolean repairInvalidCalls_ = false;
+  /**
+   * <pre>
+   * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+   * UNKNOWN_TOOL) leads to another round in which the model sees the
+   * validation errors as those calls' results and may correct them, within
+   * max_rounds. Off: such a round ends the loop like a round without calls
+   * when none of its calls was executed. Each attempt is in its own round's
+   * ToolSummary.
+   * </pre>
+   *
+   * <code>bool repair_invalid_calls = 11;</code>
+   * @return The repairInvalidCalls.
+   */
+  @java.lang.Override
+  public boolean getRepairInvalidCalls() {
+    return repairInvalidCalls_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -483,6 +592,15 @@ private static final long serialVersionUID = 0L;
     for (int i = 0; i < tools_.size(); i++) {
       com.google.protobuf.GeneratedMessage.writeString(output, 8, tools_.getRaw(i));
     }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      output.writeInt32(9, maxRounds_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      output.writeMessage(10, getToolChoice());
+    }
+    if (repairInvalidCalls_ != false) {
+      output.writeBool(11, repairInvalidCalls_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -517,6 +635,18 @@ private static final long serialVersionUID = 0L;
       }
       size += dataSize;
       size += 1 * getToolsList().size();
+    }
+    if (((bitField0_ & 0x00000004) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(9, maxRounds_);
+    }
+    if (((bitField0_ & 0x00000008) != 0)) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeMessageSize(10, getToolChoice());
+    }
+    if (repairInvalidCalls_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(11, repairInvalidCalls_);
     }
     return size;
   }
@@ -564,6 +694,18 @@ private static final long serialVersionUID = 0L;
     }
     if (!getToolsList()
         .equals(other.getToolsList())) return false;
+    if (hasMaxRounds() != other.hasMaxRounds()) return false;
+    if (hasMaxRounds()) {
+      if (getMaxRounds()
+          != other.getMaxRounds()) return false;
+    }
+    if (hasToolChoice() != other.hasToolChoice()) return false;
+    if (hasToolChoice()) {
+      if (!getToolChoice()
+          .equals(other.getToolChoice())) return false;
+    }
+    if (getRepairInvalidCalls()
+        != other.getRepairInvalidCalls()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -597,6 +739,17 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + TOOLS_FIELD_NUMBER;
       hash = (53 * hash) + getToolsList().hashCode();
     }
+    if (hasMaxRounds()) {
+      hash = (37 * hash) + MAX_ROUNDS_FIELD_NUMBER;
+      hash = (53 * hash) + getMaxRounds();
+    }
+    if (hasToolChoice()) {
+      hash = (37 * hash) + TOOL_CHOICE_FIELD_NUMBER;
+      hash = (53 * hash) + getToolChoice().hashCode();
+    }
+    hash = (37 * hash) + REPAIR_INVALID_CALLS_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getRepairInvalidCalls());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -733,6 +886,7 @@ private static final long serialVersionUID = 0L;
               .alwaysUseFieldBuilders) {
         internalGetToolPhaseFieldBuilder();
         internalGetSynthesisPhaseFieldBuilder();
+        internalGetToolChoiceFieldBuilder();
       }
     }
     @java.lang.Override
@@ -756,6 +910,13 @@ private static final long serialVersionUID = 0L;
       }
       tools_ =
           com.google.protobuf.LazyStringArrayList.emptyList();
+      maxRounds_ = 0;
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      repairInvalidCalls_ = false;
       return this;
     }
 
@@ -821,6 +982,19 @@ private static final long serialVersionUID = 0L;
         tools_.makeImmutable();
         result.tools_ = tools_;
       }
+      if (((from_bitField0_ & 0x00000100) != 0)) {
+        result.maxRounds_ = maxRounds_;
+        to_bitField0_ |= 0x00000004;
+      }
+      if (((from_bitField0_ & 0x00000200) != 0)) {
+        result.toolChoice_ = toolChoiceBuilder_ == null
+            ? toolChoice_
+            : toolChoiceBuilder_.build();
+        to_bitField0_ |= 0x00000008;
+      }
+      if (((from_bitField0_ & 0x00000400) != 0)) {
+        result.repairInvalidCalls_ = repairInvalidCalls_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -876,6 +1050,15 @@ private static final long serialVersionUID = 0L;
           tools_.addAll(other.tools_);
         }
         onChanged();
+      }
+      if (other.hasMaxRounds()) {
+        setMaxRounds(other.getMaxRounds());
+      }
+      if (other.hasToolChoice()) {
+        mergeToolChoice(other.getToolChoice());
+      }
+      if (other.getRepairInvalidCalls() != false) {
+        setRepairInvalidCalls(other.getRepairInvalidCalls());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -947,6 +1130,23 @@ private static final long serialVersionUID = 0L;
               tools_.add(input.readStringRequireUtf8());
               break;
             } // case 66
+            case 72: {
+              maxRounds_ = input.readInt32();
+              bitField0_ |= 0x00000100;
+              break;
+            } // case 72
+            case 82: {
+              input.readMessage(
+                  internalGetToolChoiceFieldBuilder().getBuilder(),
+                  extensionRegistry);
+              bitField0_ |= 0x00000200;
+              break;
+            } // case 82
+            case 88: {
+              repairInvalidCalls_ = input.readBool();
+              bitField0_ |= 0x00000400;
+              break;
+            } // case 88
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1934,6 +2134,332 @@ private static final long serialVersionUID = 0L;
       ensureToolsIsMutable();
       tools_.add(value);
       bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+
+    private int maxRounds_ ;
+    /**
+     * <pre>
+     * How many tool rounds the model may have, 1 to the server's max_rounds
+     * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+     * (1 unless configured). A round is one model call with the tools offered,
+     * then its valid calls executed. After a round with calls, the next round
+     * sends the model every result so far, with the tools still offered, so it
+     * may call more; a round without calls ends the loop and its text is the
+     * answer (Done.text; no synthesis phase). When the last allowed round still
+     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+     * synthesis phase (tools not offered) on all results, tools-only RPCs end
+     * with that round's text. 1 is the classic two-phase stage.
+     * </pre>
+     *
+     * <code>optional int32 max_rounds = 9;</code>
+     * @return Whether the maxRounds field is set.
+     */
+    @java.lang.Override
+    public boolean hasMaxRounds() {
+      return ((bitField0_ & 0x00000100) != 0);
+    }
+    /**
+     * <pre>
+     * How many tool rounds the model may have, 1 to the server's max_rounds
+     * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+     * (1 unless configured). A round is one model call with the tools offered,
+     * then its valid calls executed. After a round with calls, the next round
+     * sends the model every result so far, with the tools still offered, so it
+     * may call more; a round without calls ends the loop and its text is the
+     * answer (Done.text; no synthesis phase). When the last allowed round still
+     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+     * synthesis phase (tools not offered) on all results, tools-only RPCs end
+     * with that round's text. 1 is the classic two-phase stage.
+     * </pre>
+     *
+     * <code>optional int32 max_rounds = 9;</code>
+     * @return The maxRounds.
+     */
+    @java.lang.Override
+    public int getMaxRounds() {
+      return maxRounds_;
+    }
+    /**
+     * <pre>
+     * How many tool rounds the model may have, 1 to the server's max_rounds
+     * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+     * (1 unless configured). A round is one model call with the tools offered,
+     * then its valid calls executed. After a round with calls, the next round
+     * sends the model every result so far, with the tools still offered, so it
+     * may call more; a round without calls ends the loop and its text is the
+     * answer (Done.text; no synthesis phase). When the last allowed round still
+     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+     * synthesis phase (tools not offered) on all results, tools-only RPCs end
+     * with that round's text. 1 is the classic two-phase stage.
+     * </pre>
+     *
+     * <code>optional int32 max_rounds = 9;</code>
+     * @param value The maxRounds to set.
+     * @return This builder for chaining.
+     */
+    public Builder setMaxRounds(int value) {
+
+      maxRounds_ = value;
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * How many tool rounds the model may have, 1 to the server's max_rounds
+     * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+     * (1 unless configured). A round is one model call with the tools offered,
+     * then its valid calls executed. After a round with calls, the next round
+     * sends the model every result so far, with the tools still offered, so it
+     * may call more; a round without calls ends the loop and its text is the
+     * answer (Done.text; no synthesis phase). When the last allowed round still
+     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+     * synthesis phase (tools not offered) on all results, tools-only RPCs end
+     * with that round's text. 1 is the classic two-phase stage.
+     * </pre>
+     *
+     * <code>optional int32 max_rounds = 9;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearMaxRounds() {
+      bitField0_ = (bitField0_ & ~0x00000100);
+      maxRounds_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private io.toolchaingrpc.toolchain.v1.ToolChoice toolChoice_;
+    private com.google.protobuf.SingleFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.ToolChoice, io.toolchaingrpc.toolchain.v1.ToolChoice.Builder, io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder> toolChoiceBuilder_;
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     * @return Whether the toolChoice field is set.
+     */
+    public boolean hasToolChoice() {
+      return ((bitField0_ & 0x00000200) != 0);
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     * @return The toolChoice.
+     */
+    public io.toolchaingrpc.toolchain.v1.ToolChoice getToolChoice() {
+      if (toolChoiceBuilder_ == null) {
+        return toolChoice_ == null ? io.toolchaingrpc.toolchain.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      } else {
+        return toolChoiceBuilder_.getMessage();
+      }
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public Builder setToolChoice(io.toolchaingrpc.toolchain.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (value == null) {
+          throw new NullPointerException();
+        }
+        toolChoice_ = value;
+      } else {
+        toolChoiceBuilder_.setMessage(value);
+      }
+      bitField0_ |= 0x00000200;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public Builder setToolChoice(
+        io.toolchaingrpc.toolchain.v1.ToolChoice.Builder builderForValue) {
+      if (toolChoiceBuilder_ == null) {
+        toolChoice_ = builderForValue.build();
+      } else {
+        toolChoiceBuilder_.setMessage(builderForValue.build());
+      }
+      bitField0_ |= 0x00000200;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public Builder mergeToolChoice(io.toolchaingrpc.toolchain.v1.ToolChoice value) {
+      if (toolChoiceBuilder_ == null) {
+        if (((bitField0_ & 0x00000200) != 0) &&
+          toolChoice_ != null &&
+          toolChoice_ != io.toolchaingrpc.toolchain.v1.ToolChoice.getDefaultInstance()) {
+          getToolChoiceBuilder().mergeFrom(value);
+        } else {
+          toolChoice_ = value;
+        }
+      } else {
+        toolChoiceBuilder_.mergeFrom(value);
+      }
+      if (toolChoice_ != null) {
+        bitField0_ |= 0x00000200;
+        onChanged();
+      }
+      return this;
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public Builder clearToolChoice() {
+      bitField0_ = (bitField0_ & ~0x00000200);
+      toolChoice_ = null;
+      if (toolChoiceBuilder_ != null) {
+        toolChoiceBuilder_.dispose();
+        toolChoiceBuilder_ = null;
+      }
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.ToolChoice.Builder getToolChoiceBuilder() {
+      bitField0_ |= 0x00000200;
+      onChanged();
+      return internalGetToolChoiceFieldBuilder().getBuilder();
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    public io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder() {
+      if (toolChoiceBuilder_ != null) {
+        return toolChoiceBuilder_.getMessageOrBuilder();
+      } else {
+        return toolChoice_ == null ?
+            io.toolchaingrpc.toolchain.v1.ToolChoice.getDefaultInstance() : toolChoice_;
+      }
+    }
+    /**
+     * <pre>
+     * What the model must do about tools in the first round; later rounds are
+     * always "auto", so that a required or named choice cannot loop. Unset:
+     * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+     * </pre>
+     *
+     * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+     */
+    private com.google.protobuf.SingleFieldBuilder<
+        io.toolchaingrpc.toolchain.v1.ToolChoice, io.toolchaingrpc.toolchain.v1.ToolChoice.Builder, io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder> 
+        internalGetToolChoiceFieldBuilder() {
+      if (toolChoiceBuilder_ == null) {
+        toolChoiceBuilder_ = new com.google.protobuf.SingleFieldBuilder<
+            io.toolchaingrpc.toolchain.v1.ToolChoice, io.toolchaingrpc.toolchain.v1.ToolChoice.Builder, io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder>(
+                getToolChoice(),
+                getParentForChildren(),
+                isClean());
+        toolChoice_ = null;
+      }
+      return toolChoiceBuilder_;
+    }
+
+    private boolean repairInvalidCalls_ ;
+    /**
+     * <pre>
+     * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+     * UNKNOWN_TOOL) leads to another round in which the model sees the
+     * validation errors as those calls' results and may correct them, within
+     * max_rounds. Off: such a round ends the loop like a round without calls
+     * when none of its calls was executed. Each attempt is in its own round's
+     * ToolSummary.
+     * </pre>
+     *
+     * <code>bool repair_invalid_calls = 11;</code>
+     * @return The repairInvalidCalls.
+     */
+    @java.lang.Override
+    public boolean getRepairInvalidCalls() {
+      return repairInvalidCalls_;
+    }
+    /**
+     * <pre>
+     * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+     * UNKNOWN_TOOL) leads to another round in which the model sees the
+     * validation errors as those calls' results and may correct them, within
+     * max_rounds. Off: such a round ends the loop like a round without calls
+     * when none of its calls was executed. Each attempt is in its own round's
+     * ToolSummary.
+     * </pre>
+     *
+     * <code>bool repair_invalid_calls = 11;</code>
+     * @param value The repairInvalidCalls to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRepairInvalidCalls(boolean value) {
+
+      repairInvalidCalls_ = value;
+      bitField0_ |= 0x00000400;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+     * UNKNOWN_TOOL) leads to another round in which the model sees the
+     * validation errors as those calls' results and may correct them, within
+     * max_rounds. Off: such a round ends the loop like a round without calls
+     * when none of its calls was executed. Each attempt is in its own round's
+     * ToolSummary.
+     * </pre>
+     *
+     * <code>bool repair_invalid_calls = 11;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRepairInvalidCalls() {
+      bitField0_ = (bitField0_ & ~0x00000400);
+      repairInvalidCalls_ = false;
       onChanged();
       return this;
     }

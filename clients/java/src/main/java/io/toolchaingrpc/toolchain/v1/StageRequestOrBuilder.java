@@ -225,4 +225,89 @@ public interface StageRequestOrBuilder extends
    */
   com.google.protobuf.ByteString
       getToolsBytes(int index);
+
+  /**
+   * <pre>
+   * How many tool rounds the model may have, 1 to the server's max_rounds
+   * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+   * (1 unless configured). A round is one model call with the tools offered,
+   * then its valid calls executed. After a round with calls, the next round
+   * sends the model every result so far, with the tools still offered, so it
+   * may call more; a round without calls ends the loop and its text is the
+   * answer (Done.text; no synthesis phase). When the last allowed round still
+   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+   * synthesis phase (tools not offered) on all results, tools-only RPCs end
+   * with that round's text. 1 is the classic two-phase stage.
+   * </pre>
+   *
+   * <code>optional int32 max_rounds = 9;</code>
+   * @return Whether the maxRounds field is set.
+   */
+  boolean hasMaxRounds();
+  /**
+   * <pre>
+   * How many tool rounds the model may have, 1 to the server's max_rounds
+   * ceiling (configuration `max_rounds`); unset: the server's default_rounds
+   * (1 unless configured). A round is one model call with the tools offered,
+   * then its valid calls executed. After a round with calls, the next round
+   * sends the model every result so far, with the tools still offered, so it
+   * may call more; a round without calls ends the loop and its text is the
+   * answer (Done.text; no synthesis phase). When the last allowed round still
+   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
+   * synthesis phase (tools not offered) on all results, tools-only RPCs end
+   * with that round's text. 1 is the classic two-phase stage.
+   * </pre>
+   *
+   * <code>optional int32 max_rounds = 9;</code>
+   * @return The maxRounds.
+   */
+  int getMaxRounds();
+
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   * @return Whether the toolChoice field is set.
+   */
+  boolean hasToolChoice();
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   * @return The toolChoice.
+   */
+  io.toolchaingrpc.toolchain.v1.ToolChoice getToolChoice();
+  /**
+   * <pre>
+   * What the model must do about tools in the first round; later rounds are
+   * always "auto", so that a required or named choice cannot loop. Unset:
+   * auto. A named tool must be one of this stage's tools (else NOT_FOUND).
+   * </pre>
+   *
+   * <code>.toolchain.v1.ToolChoice tool_choice = 10;</code>
+   */
+  io.toolchaingrpc.toolchain.v1.ToolChoiceOrBuilder getToolChoiceOrBuilder();
+
+  /**
+   * <pre>
+   * Whether a round whose calls failed validation (INVALID_ARGUMENTS,
+   * UNKNOWN_TOOL) leads to another round in which the model sees the
+   * validation errors as those calls' results and may correct them, within
+   * max_rounds. Off: such a round ends the loop like a round without calls
+   * when none of its calls was executed. Each attempt is in its own round's
+   * ToolSummary.
+   * </pre>
+   *
+   * <code>bool repair_invalid_calls = 11;</code>
+   * @return The repairInvalidCalls.
+   */
+  boolean getRepairInvalidCalls();
 }

@@ -348,6 +348,38 @@ private static final long serialVersionUID = 0L;
     return duration_ == null ? com.google.protobuf.Duration.getDefaultInstance() : duration_;
   }
 
+  public static final int ROUND_FIELD_NUMBER = 8;
+  private int round_ = 0;
+  /**
+   * <pre>
+   * The tool round of the call, from 1.
+   * </pre>
+   *
+   * <code>int32 round = 8;</code>
+   * @return The round.
+   */
+  @java.lang.Override
+  public int getRound() {
+    return round_;
+  }
+
+  public static final int TRUNCATED_FIELD_NUMBER = 9;
+  private boolean truncated_ = false;
+  /**
+   * <pre>
+   * The output was larger than the server passes on (configuration
+   * `tools.max_result_bytes`): `result` is a string holding the start of its
+   * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+   * </pre>
+   *
+   * <code>bool truncated = 9;</code>
+   * @return The truncated.
+   */
+  @java.lang.Override
+  public boolean getTruncated() {
+    return truncated_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -383,6 +415,12 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       output.writeMessage(7, getDuration());
     }
+    if (round_ != 0) {
+      output.writeInt32(8, round_);
+    }
+    if (truncated_ != false) {
+      output.writeBool(9, truncated_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -410,6 +448,14 @@ private static final long serialVersionUID = 0L;
     if (((bitField0_ & 0x00000002) != 0)) {
       size += com.google.protobuf.CodedOutputStream
         .computeMessageSize(7, getDuration());
+    }
+    if (round_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(8, round_);
+    }
+    if (truncated_ != false) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeBoolSize(9, truncated_);
     }
     return size;
   }
@@ -454,6 +500,10 @@ private static final long serialVersionUID = 0L;
       if (!getDuration()
           .equals(other.getDuration())) return false;
     }
+    if (getRound()
+        != other.getRound()) return false;
+    if (getTruncated()
+        != other.getTruncated()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -483,6 +533,11 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + DURATION_FIELD_NUMBER;
       hash = (53 * hash) + getDuration().hashCode();
     }
+    hash = (37 * hash) + ROUND_FIELD_NUMBER;
+    hash = (53 * hash) + getRound();
+    hash = (37 * hash) + TRUNCATED_FIELD_NUMBER;
+    hash = (53 * hash) + com.google.protobuf.Internal.hashBoolean(
+        getTruncated());
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -640,6 +695,8 @@ private static final long serialVersionUID = 0L;
         durationBuilder_.dispose();
         durationBuilder_ = null;
       }
+      round_ = 0;
+      truncated_ = false;
       return this;
     }
 
@@ -701,6 +758,12 @@ private static final long serialVersionUID = 0L;
             : durationBuilder_.build();
         to_bitField0_ |= 0x00000002;
       }
+      if (((from_bitField0_ & 0x00000080) != 0)) {
+        result.round_ = round_;
+      }
+      if (((from_bitField0_ & 0x00000100) != 0)) {
+        result.truncated_ = truncated_;
+      }
       result.bitField0_ |= to_bitField0_;
     }
 
@@ -744,6 +807,12 @@ private static final long serialVersionUID = 0L;
       }
       if (other.hasDuration()) {
         mergeDuration(other.getDuration());
+      }
+      if (other.getRound() != 0) {
+        setRound(other.getRound());
+      }
+      if (other.getTruncated() != false) {
+        setTruncated(other.getTruncated());
       }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
@@ -810,6 +879,16 @@ private static final long serialVersionUID = 0L;
               bitField0_ |= 0x00000040;
               break;
             } // case 58
+            case 64: {
+              round_ = input.readInt32();
+              bitField0_ |= 0x00000080;
+              break;
+            } // case 64
+            case 72: {
+              truncated_ = input.readBool();
+              bitField0_ |= 0x00000100;
+              break;
+            } // case 72
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -1579,6 +1658,100 @@ private static final long serialVersionUID = 0L;
         duration_ = null;
       }
       return durationBuilder_;
+    }
+
+    private int round_ ;
+    /**
+     * <pre>
+     * The tool round of the call, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 8;</code>
+     * @return The round.
+     */
+    @java.lang.Override
+    public int getRound() {
+      return round_;
+    }
+    /**
+     * <pre>
+     * The tool round of the call, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 8;</code>
+     * @param value The round to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRound(int value) {
+
+      round_ = value;
+      bitField0_ |= 0x00000080;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool round of the call, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 8;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRound() {
+      bitField0_ = (bitField0_ & ~0x00000080);
+      round_ = 0;
+      onChanged();
+      return this;
+    }
+
+    private boolean truncated_ ;
+    /**
+     * <pre>
+     * The output was larger than the server passes on (configuration
+     * `tools.max_result_bytes`): `result` is a string holding the start of its
+     * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+     * </pre>
+     *
+     * <code>bool truncated = 9;</code>
+     * @return The truncated.
+     */
+    @java.lang.Override
+    public boolean getTruncated() {
+      return truncated_;
+    }
+    /**
+     * <pre>
+     * The output was larger than the server passes on (configuration
+     * `tools.max_result_bytes`): `result` is a string holding the start of its
+     * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+     * </pre>
+     *
+     * <code>bool truncated = 9;</code>
+     * @param value The truncated to set.
+     * @return This builder for chaining.
+     */
+    public Builder setTruncated(boolean value) {
+
+      truncated_ = value;
+      bitField0_ |= 0x00000100;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The output was larger than the server passes on (configuration
+     * `tools.max_result_bytes`): `result` is a string holding the start of its
+     * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+     * </pre>
+     *
+     * <code>bool truncated = 9;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearTruncated() {
+      bitField0_ = (bitField0_ & ~0x00000100);
+      truncated_ = false;
+      onChanged();
+      return this;
     }
 
     // @@protoc_insertion_point(builder_scope:toolchain.v1.ToolCallResult)

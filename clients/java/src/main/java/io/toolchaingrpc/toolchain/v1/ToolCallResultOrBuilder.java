@@ -162,4 +162,26 @@ public interface ToolCallResultOrBuilder extends
    * <code>.google.protobuf.Duration duration = 7;</code>
    */
   com.google.protobuf.DurationOrBuilder getDurationOrBuilder();
+
+  /**
+   * <pre>
+   * The tool round of the call, from 1.
+   * </pre>
+   *
+   * <code>int32 round = 8;</code>
+   * @return The round.
+   */
+  int getRound();
+
+  /**
+   * <pre>
+   * The output was larger than the server passes on (configuration
+   * `tools.max_result_bytes`): `result` is a string holding the start of its
+   * JSON text and a "[truncated: N more bytes]" mark, as the model saw it.
+   * </pre>
+   *
+   * <code>bool truncated = 9;</code>
+   * @return The truncated.
+   */
+  boolean getTruncated();
 }

@@ -103,4 +103,26 @@ public interface ToolOrBuilder extends
    * <code>.google.protobuf.Duration timeout = 5;</code>
    */
   com.google.protobuf.DurationOrBuilder getTimeoutOrBuilder();
+
+  /**
+   * <pre>
+   * Where the tool comes from: "builtin", "plugin:&lt;distribution&gt;" (a Python
+   * package's entry point) or "mcp:&lt;server&gt;" (a configured MCP server).
+   * </pre>
+   *
+   * <code>string source = 6;</code>
+   * @return The source.
+   */
+  java.lang.String getSource();
+  /**
+   * <pre>
+   * Where the tool comes from: "builtin", "plugin:&lt;distribution&gt;" (a Python
+   * package's entry point) or "mcp:&lt;server&gt;" (a configured MCP server).
+   * </pre>
+   *
+   * <code>string source = 6;</code>
+   * @return The bytes for source.
+   */
+  com.google.protobuf.ByteString
+      getSourceBytes();
 }

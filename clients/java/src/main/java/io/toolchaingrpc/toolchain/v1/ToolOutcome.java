@@ -202,7 +202,7 @@ public enum ToolOutcome
   }
   public static com.google.protobuf.Descriptors.EnumDescriptor
       getDescriptor() {
-    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(1);
+    return io.toolchaingrpc.toolchain.v1.ToolchainProto.getDescriptor().getEnumType(2);
   }
 
   private static final ToolOutcome[] VALUES = values();

@@ -7,7 +7,7 @@ package io.toolchaingrpc.toolchain.v1;
 
 /**
  * <pre>
- * ToolSummary lists every tool call of the tool phase with its outcome.
+ * ToolSummary lists every tool call of one tool round with its outcome.
  * </pre>
  *
  * Protobuf type {@code toolchain.v1.ToolSummary}
@@ -119,6 +119,21 @@ private static final long serialVersionUID = 0L;
     return results_.get(index);
   }
 
+  public static final int ROUND_FIELD_NUMBER = 2;
+  private int round_ = 0;
+  /**
+   * <pre>
+   * The tool round, from 1.
+   * </pre>
+   *
+   * <code>int32 round = 2;</code>
+   * @return The round.
+   */
+  @java.lang.Override
+  public int getRound() {
+    return round_;
+  }
+
   private byte memoizedIsInitialized = -1;
   @java.lang.Override
   public final boolean isInitialized() {
@@ -136,6 +151,9 @@ private static final long serialVersionUID = 0L;
     for (int i = 0; i < results_.size(); i++) {
       output.writeMessage(1, results_.get(i));
     }
+    if (round_ != 0) {
+      output.writeInt32(2, round_);
+    }
     getUnknownFields().writeTo(output);
   }
   private int computeSerializedSize_0() {
@@ -149,6 +167,10 @@ private static final long serialVersionUID = 0L;
           }
           size += 1 * count;
         }
+    if (round_ != 0) {
+      size += com.google.protobuf.CodedOutputStream
+        .computeInt32Size(2, round_);
+    }
     return size;
   }
   @java.lang.Override
@@ -175,6 +197,8 @@ private static final long serialVersionUID = 0L;
 
     if (!getResultsList()
         .equals(other.getResultsList())) return false;
+    if (getRound()
+        != other.getRound()) return false;
     if (!getUnknownFields().equals(other.getUnknownFields())) return false;
     return true;
   }
@@ -190,6 +214,8 @@ private static final long serialVersionUID = 0L;
       hash = (37 * hash) + RESULTS_FIELD_NUMBER;
       hash = (53 * hash) + getResultsList().hashCode();
     }
+    hash = (37 * hash) + ROUND_FIELD_NUMBER;
+    hash = (53 * hash) + getRound();
     hash = (29 * hash) + getUnknownFields().hashCode();
     memoizedHashCode = hash;
     return hash;
@@ -289,7 +315,7 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * ToolSummary lists every tool call of the tool phase with its outcome.
+   * ToolSummary lists every tool call of one tool round with its outcome.
    * </pre>
    *
    * Protobuf type {@code toolchain.v1.ToolSummary}
@@ -332,6 +358,7 @@ private static final long serialVersionUID = 0L;
         resultsBuilder_.clear();
       }
       bitField0_ = (bitField0_ & ~0x00000001);
+      round_ = 0;
       return this;
     }
 
@@ -378,6 +405,9 @@ private static final long serialVersionUID = 0L;
 
     private void buildPartial0(io.toolchaingrpc.toolchain.v1.ToolSummary result) {
       int from_bitField0_ = bitField0_;
+      if (((from_bitField0_ & 0x00000002) != 0)) {
+        result.round_ = round_;
+      }
     }
 
     @java.lang.Override
@@ -418,6 +448,9 @@ private static final long serialVersionUID = 0L;
           }
         }
       }
+      if (other.getRound() != 0) {
+        setRound(other.getRound());
+      }
       this.mergeUnknownFields(other.getUnknownFields());
       onChanged();
       return this;
@@ -457,6 +490,11 @@ private static final long serialVersionUID = 0L;
               }
               break;
             } // case 10
+            case 16: {
+              round_ = input.readInt32();
+              bitField0_ |= 0x00000002;
+              break;
+            } // case 16
             default: {
               if (!super.parseUnknownField(input, extensionRegistry, tag)) {
                 done = true; // was an endgroup tag
@@ -802,6 +840,50 @@ private static final long serialVersionUID = 0L;
         results_ = null;
       }
       return resultsBuilder_;
+    }
+
+    private int round_ ;
+    /**
+     * <pre>
+     * The tool round, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 2;</code>
+     * @return The round.
+     */
+    @java.lang.Override
+    public int getRound() {
+      return round_;
+    }
+    /**
+     * <pre>
+     * The tool round, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 2;</code>
+     * @param value The round to set.
+     * @return This builder for chaining.
+     */
+    public Builder setRound(int value) {
+
+      round_ = value;
+      bitField0_ |= 0x00000002;
+      onChanged();
+      return this;
+    }
+    /**
+     * <pre>
+     * The tool round, from 1.
+     * </pre>
+     *
+     * <code>int32 round = 2;</code>
+     * @return This builder for chaining.
+     */
+    public Builder clearRound() {
+      bitField0_ = (bitField0_ & ~0x00000002);
+      round_ = 0;
+      onChanged();
+      return this;
     }
 
     // @@protoc_insertion_point(builder_scope:toolchain.v1.ToolSummary)

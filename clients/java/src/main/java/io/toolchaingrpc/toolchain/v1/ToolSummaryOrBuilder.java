@@ -58,4 +58,14 @@ public interface ToolSummaryOrBuilder extends
    */
   io.toolchaingrpc.toolchain.v1.ToolCallResultOrBuilder getResultsOrBuilder(
       int index);
+
+  /**
+   * <pre>
+   * The tool round, from 1.
+   * </pre>
+   *
+   * <code>int32 round = 2;</code>
+   * @return The round.
+   */
+  int getRound();
 }

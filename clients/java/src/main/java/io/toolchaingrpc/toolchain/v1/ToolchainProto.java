@@ -32,6 +32,11 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
       internal_static_toolchain_v1_StageRequest_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_toolchain_v1_ToolChoice_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_toolchain_v1_ToolChoice_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_toolchain_v1_PhaseOptions_descriptor;
   static final 
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
@@ -163,106 +168,126 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
       "\n\034toolchain/v1/toolchain.proto\022\014toolchai" +
       "n.v1\032\036google/protobuf/duration.proto\032\034go" +
       "ogle/protobuf/struct.proto\032\036google/rpc/e" +
-      "rror_details.proto\"\340\001\n\014StageRequest\022\020\n\010s" +
+      "rror_details.proto\"\325\002\n\014StageRequest\022\020\n\010s" +
       "tage_id\030\001 \001(\t\022\025\n\rsystem_prompt\030\002 \001(\t\022\023\n\013" +
       "user_prompt\030\003 \001(\t\022\r\n\005model\030\004 \001(\t\022\017\n\007back" +
       "end\030\005 \001(\t\022.\n\ntool_phase\030\006 \001(\0132\032.toolchai" +
       "n.v1.PhaseOptions\0223\n\017synthesis_phase\030\007 \001" +
       "(\0132\032.toolchain.v1.PhaseOptions\022\r\n\005tools\030" +
-      "\010 \003(\t\"`\n\014PhaseOptions\022\027\n\nmax_tokens\030\001 \001(" +
-      "\005H\000\210\001\001\022\030\n\013temperature\030\002 \001(\001H\001\210\001\001B\r\n\013_max" +
-      "_tokensB\016\n\014_temperature\"<\n\017RunToolsReque" +
-      "st\022)\n\005stage\030\001 \001(\0132\032.toolchain.v1.StageRe" +
-      "quest\"\224\001\n\020RunToolsResponse\022\020\n\010stage_id\030\001" +
-      " \001(\t\0222\n\014tool_results\030\002 \003(\0132\034.toolchain.v" +
-      "1.ToolCallResult\022\014\n\004text\030\003 \001(\t\022,\n\ntool_p" +
-      "hase\030\004 \001(\0132\030.toolchain.v1.PhaseStats\"@\n\023" +
-      "RunSynthesisRequest\022)\n\005stage\030\001 \001(\0132\032.too" +
-      "lchain.v1.StageRequest\"\313\001\n\024RunSynthesisR" +
-      "esponse\022\020\n\010stage_id\030\001 \001(\t\022\014\n\004text\030\002 \001(\t\022" +
-      "2\n\014tool_results\030\003 \003(\0132\034.toolchain.v1.Too" +
-      "lCallResult\022,\n\ntool_phase\030\004 \001(\0132\030.toolch" +
-      "ain.v1.PhaseStats\0221\n\017synthesis_phase\030\005 \001" +
-      "(\0132\030.toolchain.v1.PhaseStats\"?\n\022StreamTo" +
-      "olsRequest\022)\n\005stage\030\001 \001(\0132\032.toolchain.v1" +
-      ".StageRequest\">\n\023StreamToolsResponse\022\'\n\005" +
-      "event\030\001 \001(\0132\030.toolchain.v1.StageEvent\"C\n" +
-      "\026StreamSynthesisRequest\022)\n\005stage\030\001 \001(\0132\032" +
-      ".toolchain.v1.StageRequest\"B\n\027StreamSynt" +
-      "hesisResponse\022\'\n\005event\030\001 \001(\0132\030.toolchain" +
-      ".v1.StageEvent\"\211\002\n\nStageEvent\022\020\n\010stage_i" +
-      "d\030\001 \001(\t\022\020\n\010sequence\030\002 \001(\r\022$\n\005chunk\030\003 \001(\013" +
-      "2\023.toolchain.v1.ChunkH\000\0221\n\014tool_summary\030" +
-      "\004 \001(\0132\031.toolchain.v1.ToolSummaryH\000\022\"\n\004do" +
-      "ne\030\005 \001(\0132\022.toolchain.v1.DoneH\000\022&\n\006cancel" +
-      "\030\006 \001(\0132\024.toolchain.v1.CancelH\000\022)\n\005error\030" +
-      "\007 \001(\0132\030.toolchain.v1.StageErrorH\000B\007\n\005eve" +
-      "nt\"\204\001\n\005Chunk\022\"\n\005phase\030\001 \001(\0162\023.toolchain." +
-      "v1.Phase\022\017\n\007content\030\002 \001(\t\022/\n\ntool_calls\030" +
-      "\003 \003(\0132\033.toolchain.v1.ToolCallDelta\022\025\n\rfi" +
-      "nish_reason\030\004 \001(\t\"T\n\rToolCallDelta\022\r\n\005in" +
-      "dex\030\001 \001(\005\022\n\n\002id\030\002 \001(\t\022\014\n\004name\030\003 \001(\t\022\032\n\022a" +
-      "rguments_fragment\030\004 \001(\t\"<\n\013ToolSummary\022-" +
-      "\n\007results\030\001 \003(\0132\034.toolchain.v1.ToolCallR" +
-      "esult\"\327\001\n\016ToolCallResult\022\017\n\007call_id\030\001 \001(" +
-      "\t\022\021\n\ttool_name\030\002 \001(\t\022\021\n\targuments\030\003 \001(\t\022" +
-      "*\n\007outcome\030\004 \001(\0162\031.toolchain.v1.ToolOutc" +
-      "ome\022&\n\006result\030\005 \001(\0132\026.google.protobuf.Va" +
-      "lue\022\r\n\005error\030\006 \001(\t\022+\n\010duration\030\007 \001(\0132\031.g" +
-      "oogle.protobuf.Duration\"O\n\005Usage\022\025\n\rprom" +
-      "pt_tokens\030\001 \001(\005\022\031\n\021completion_tokens\030\002 \001" +
-      "(\005\022\024\n\014total_tokens\030\003 \001(\005\"\224\001\n\nPhaseStats\022" +
-      "\025\n\rfinish_reason\030\001 \001(\t\022\"\n\005usage\030\002 \001(\0132\023." +
-      "toolchain.v1.Usage\022+\n\010duration\030\003 \001(\0132\031.g" +
-      "oogle.protobuf.Duration\022\017\n\007retries\030\004 \001(\005" +
-      "\022\r\n\005model\030\005 \001(\t\"u\n\004Done\022,\n\ntool_phase\030\001 " +
-      "\001(\0132\030.toolchain.v1.PhaseStats\0221\n\017synthes" +
-      "is_phase\030\002 \001(\0132\030.toolchain.v1.PhaseStats" +
-      "\022\014\n\004text\030\003 \001(\t\"E\n\006Cancel\022*\n\006reason\030\001 \001(\016" +
-      "2\032.toolchain.v1.CancelReason\022\017\n\007message\030" +
-      "\002 \001(\t\"\343\001\n\nStageError\022\014\n\004code\030\001 \001(\005\022\017\n\007me" +
-      "ssage\030\002 \001(\t\022\"\n\005phase\030\003 \001(\0162\023.toolchain.v" +
-      "1.Phase\022\021\n\tretryable\030\004 \001(\010\022\016\n\006reason\030\005 \001" +
-      "(\t\022.\n\013retry_delay\030\006 \001(\0132\031.google.protobu" +
-      "f.Duration\022?\n\020field_violations\030\007 \003(\0132%.g" +
-      "oogle.rpc.BadRequest.FieldViolation\"&\n\022C" +
-      "ancelStageRequest\022\020\n\010stage_id\030\001 \001(\t\"\'\n\023C" +
-      "ancelStageResponse\022\020\n\010stage_id\030\001 \001(\t\"\022\n\020" +
-      "ListToolsRequest\"6\n\021ListToolsResponse\022!\n" +
-      "\005tools\030\001 \003(\0132\022.toolchain.v1.Tool\"\240\001\n\004Too" +
-      "l\022\014\n\004name\030\001 \001(\t\022\023\n\013description\030\002 \001(\t\0222\n\021" +
-      "parameters_schema\030\003 \001(\0132\027.google.protobu" +
-      "f.Struct\022*\n\007timeout\030\005 \001(\0132\031.google.proto" +
-      "buf.DurationJ\004\010\004\020\005R\017timeout_seconds*C\n\005P" +
-      "hase\022\025\n\021PHASE_UNSPECIFIED\020\000\022\016\n\nPHASE_TOO" +
-      "L\020\001\022\023\n\017PHASE_SYNTHESIS\020\002*\322\001\n\013ToolOutcome" +
-      "\022\034\n\030TOOL_OUTCOME_UNSPECIFIED\020\000\022\023\n\017TOOL_O" +
-      "UTCOME_OK\020\001\022\"\n\036TOOL_OUTCOME_INVALID_ARGU" +
-      "MENTS\020\002\022\035\n\031TOOL_OUTCOME_UNKNOWN_TOOL\020\003\022\027" +
-      "\n\023TOOL_OUTCOME_FAILED\020\004\022\032\n\026TOOL_OUTCOME_" +
-      "TIMED_OUT\020\005\022\030\n\024TOOL_OUTCOME_SKIPPED\020\006*\237\001" +
-      "\n\014CancelReason\022\035\n\031CANCEL_REASON_UNSPECIF" +
-      "IED\020\000\022\030\n\024CANCEL_REASON_CLIENT\020\001\022\036\n\032CANCE" +
-      "L_REASON_CANCEL_STAGE\020\002\022\032\n\026CANCEL_REASON" +
-      "_DEADLINE\020\003\022\032\n\026CANCEL_REASON_SHUTDOWN\020\0042" +
-      "\216\004\n\020ToolchainService\022I\n\010RunTools\022\035.toolc" +
-      "hain.v1.RunToolsRequest\032\036.toolchain.v1.R" +
-      "unToolsResponse\022U\n\014RunSynthesis\022!.toolch" +
-      "ain.v1.RunSynthesisRequest\032\".toolchain.v" +
-      "1.RunSynthesisResponse\022T\n\013StreamTools\022 ." +
-      "toolchain.v1.StreamToolsRequest\032!.toolch" +
-      "ain.v1.StreamToolsResponse0\001\022`\n\017StreamSy" +
-      "nthesis\022$.toolchain.v1.StreamSynthesisRe" +
-      "quest\032%.toolchain.v1.StreamSynthesisResp" +
-      "onse0\001\022R\n\013CancelStage\022 .toolchain.v1.Can" +
-      "celStageRequest\032!.toolchain.v1.CancelSta" +
-      "geResponse\022L\n\tListTools\022\036.toolchain.v1.L" +
-      "istToolsRequest\032\037.toolchain.v1.ListTools" +
-      "ResponseB\262\001\n\035io.toolchaingrpc.toolchain." +
-      "v1B\016ToolchainProtoP\001ZKgithub.com/toolcha" +
-      "in-grpc/toolchain-grpc/clients/go/toolch" +
-      "ainv1;toolchainv1\242\002\003TXX\252\002\014Toolchain.V1\312\002" +
-      "\014Toolchain\\V1\352\002\rToolchain::V1b\006proto3"
+      "\010 \003(\t\022\027\n\nmax_rounds\030\t \001(\005H\000\210\001\001\022-\n\013tool_c" +
+      "hoice\030\n \001(\0132\030.toolchain.v1.ToolChoice\022\034\n" +
+      "\024repair_invalid_calls\030\013 \001(\010B\r\n\013_max_roun" +
+      "ds\"T\n\nToolChoice\022,\n\004mode\030\001 \001(\0162\034.toolcha" +
+      "in.v1.ToolChoiceModeH\000\022\016\n\004tool\030\002 \001(\tH\000B\010" +
+      "\n\006choice\"`\n\014PhaseOptions\022\027\n\nmax_tokens\030\001" +
+      " \001(\005H\000\210\001\001\022\030\n\013temperature\030\002 \001(\001H\001\210\001\001B\r\n\013_" +
+      "max_tokensB\016\n\014_temperature\"<\n\017RunToolsRe" +
+      "quest\022)\n\005stage\030\001 \001(\0132\032.toolchain.v1.Stag" +
+      "eRequest\"\207\002\n\020RunToolsResponse\022\020\n\010stage_i" +
+      "d\030\001 \001(\t\0222\n\014tool_results\030\002 \003(\0132\034.toolchai" +
+      "n.v1.ToolCallResult\022\014\n\004text\030\003 \001(\t\022,\n\ntoo" +
+      "l_phase\030\004 \001(\0132\030.toolchain.v1.PhaseStats\022" +
+      "-\n\013tool_rounds\030\005 \003(\0132\030.toolchain.v1.Phas" +
+      "eStats\022\030\n\020rounds_exhausted\030\006 \001(\010\022(\n\013tota" +
+      "l_usage\030\007 \001(\0132\023.toolchain.v1.Usage\"@\n\023Ru" +
+      "nSynthesisRequest\022)\n\005stage\030\001 \001(\0132\032.toolc" +
+      "hain.v1.StageRequest\"\276\002\n\024RunSynthesisRes" +
+      "ponse\022\020\n\010stage_id\030\001 \001(\t\022\014\n\004text\030\002 \001(\t\0222\n" +
+      "\014tool_results\030\003 \003(\0132\034.toolchain.v1.ToolC" +
+      "allResult\022,\n\ntool_phase\030\004 \001(\0132\030.toolchai" +
+      "n.v1.PhaseStats\0221\n\017synthesis_phase\030\005 \001(\013" +
+      "2\030.toolchain.v1.PhaseStats\022-\n\013tool_round" +
+      "s\030\006 \003(\0132\030.toolchain.v1.PhaseStats\022\030\n\020rou" +
+      "nds_exhausted\030\007 \001(\010\022(\n\013total_usage\030\010 \001(\013" +
+      "2\023.toolchain.v1.Usage\"?\n\022StreamToolsRequ" +
+      "est\022)\n\005stage\030\001 \001(\0132\032.toolchain.v1.StageR" +
+      "equest\">\n\023StreamToolsResponse\022\'\n\005event\030\001" +
+      " \001(\0132\030.toolchain.v1.StageEvent\"C\n\026Stream" +
+      "SynthesisRequest\022)\n\005stage\030\001 \001(\0132\032.toolch" +
+      "ain.v1.StageRequest\"B\n\027StreamSynthesisRe" +
+      "sponse\022\'\n\005event\030\001 \001(\0132\030.toolchain.v1.Sta" +
+      "geEvent\"\211\002\n\nStageEvent\022\020\n\010stage_id\030\001 \001(\t" +
+      "\022\020\n\010sequence\030\002 \001(\r\022$\n\005chunk\030\003 \001(\0132\023.tool" +
+      "chain.v1.ChunkH\000\0221\n\014tool_summary\030\004 \001(\0132\031" +
+      ".toolchain.v1.ToolSummaryH\000\022\"\n\004done\030\005 \001(" +
+      "\0132\022.toolchain.v1.DoneH\000\022&\n\006cancel\030\006 \001(\0132" +
+      "\024.toolchain.v1.CancelH\000\022)\n\005error\030\007 \001(\0132\030" +
+      ".toolchain.v1.StageErrorH\000B\007\n\005event\"\223\001\n\005" +
+      "Chunk\022\"\n\005phase\030\001 \001(\0162\023.toolchain.v1.Phas" +
+      "e\022\017\n\007content\030\002 \001(\t\022/\n\ntool_calls\030\003 \003(\0132\033" +
+      ".toolchain.v1.ToolCallDelta\022\025\n\rfinish_re" +
+      "ason\030\004 \001(\t\022\r\n\005round\030\005 \001(\005\"T\n\rToolCallDel" +
+      "ta\022\r\n\005index\030\001 \001(\005\022\n\n\002id\030\002 \001(\t\022\014\n\004name\030\003 " +
+      "\001(\t\022\032\n\022arguments_fragment\030\004 \001(\t\"K\n\013ToolS" +
+      "ummary\022-\n\007results\030\001 \003(\0132\034.toolchain.v1.T" +
+      "oolCallResult\022\r\n\005round\030\002 \001(\005\"\371\001\n\016ToolCal" +
+      "lResult\022\017\n\007call_id\030\001 \001(\t\022\021\n\ttool_name\030\002 " +
+      "\001(\t\022\021\n\targuments\030\003 \001(\t\022*\n\007outcome\030\004 \001(\0162" +
+      "\031.toolchain.v1.ToolOutcome\022&\n\006result\030\005 \001" +
+      "(\0132\026.google.protobuf.Value\022\r\n\005error\030\006 \001(" +
+      "\t\022+\n\010duration\030\007 \001(\0132\031.google.protobuf.Du" +
+      "ration\022\r\n\005round\030\010 \001(\005\022\021\n\ttruncated\030\t \001(\010" +
+      "\"O\n\005Usage\022\025\n\rprompt_tokens\030\001 \001(\005\022\031\n\021comp" +
+      "letion_tokens\030\002 \001(\005\022\024\n\014total_tokens\030\003 \001(" +
+      "\005\"\243\001\n\nPhaseStats\022\025\n\rfinish_reason\030\001 \001(\t\022" +
+      "\"\n\005usage\030\002 \001(\0132\023.toolchain.v1.Usage\022+\n\010d" +
+      "uration\030\003 \001(\0132\031.google.protobuf.Duration" +
+      "\022\017\n\007retries\030\004 \001(\005\022\r\n\005model\030\005 \001(\t\022\r\n\005roun" +
+      "d\030\006 \001(\005\"\350\001\n\004Done\022,\n\ntool_phase\030\001 \001(\0132\030.t" +
+      "oolchain.v1.PhaseStats\0221\n\017synthesis_phas" +
+      "e\030\002 \001(\0132\030.toolchain.v1.PhaseStats\022\014\n\004tex" +
+      "t\030\003 \001(\t\022-\n\013tool_rounds\030\004 \003(\0132\030.toolchain" +
+      ".v1.PhaseStats\022\030\n\020rounds_exhausted\030\005 \001(\010" +
+      "\022(\n\013total_usage\030\006 \001(\0132\023.toolchain.v1.Usa" +
+      "ge\"E\n\006Cancel\022*\n\006reason\030\001 \001(\0162\032.toolchain" +
+      ".v1.CancelReason\022\017\n\007message\030\002 \001(\t\"\343\001\n\nSt" +
+      "ageError\022\014\n\004code\030\001 \001(\005\022\017\n\007message\030\002 \001(\t\022" +
+      "\"\n\005phase\030\003 \001(\0162\023.toolchain.v1.Phase\022\021\n\tr" +
+      "etryable\030\004 \001(\010\022\016\n\006reason\030\005 \001(\t\022.\n\013retry_" +
+      "delay\030\006 \001(\0132\031.google.protobuf.Duration\022?" +
+      "\n\020field_violations\030\007 \003(\0132%.google.rpc.Ba" +
+      "dRequest.FieldViolation\"&\n\022CancelStageRe" +
+      "quest\022\020\n\010stage_id\030\001 \001(\t\"\'\n\023CancelStageRe" +
+      "sponse\022\020\n\010stage_id\030\001 \001(\t\"\022\n\020ListToolsReq" +
+      "uest\"6\n\021ListToolsResponse\022!\n\005tools\030\001 \003(\013" +
+      "2\022.toolchain.v1.Tool\"\260\001\n\004Tool\022\014\n\004name\030\001 " +
+      "\001(\t\022\023\n\013description\030\002 \001(\t\0222\n\021parameters_s" +
+      "chema\030\003 \001(\0132\027.google.protobuf.Struct\022*\n\007" +
+      "timeout\030\005 \001(\0132\031.google.protobuf.Duration" +
+      "\022\016\n\006source\030\006 \001(\tJ\004\010\004\020\005R\017timeout_seconds*" +
+      "\207\001\n\016ToolChoiceMode\022 \n\034TOOL_CHOICE_MODE_U" +
+      "NSPECIFIED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022" +
+      "\035\n\031TOOL_CHOICE_MODE_REQUIRED\020\002\022\031\n\025TOOL_C" +
+      "HOICE_MODE_NONE\020\003*C\n\005Phase\022\025\n\021PHASE_UNSP" +
+      "ECIFIED\020\000\022\016\n\nPHASE_TOOL\020\001\022\023\n\017PHASE_SYNTH" +
+      "ESIS\020\002*\322\001\n\013ToolOutcome\022\034\n\030TOOL_OUTCOME_U" +
+      "NSPECIFIED\020\000\022\023\n\017TOOL_OUTCOME_OK\020\001\022\"\n\036TOO" +
+      "L_OUTCOME_INVALID_ARGUMENTS\020\002\022\035\n\031TOOL_OU" +
+      "TCOME_UNKNOWN_TOOL\020\003\022\027\n\023TOOL_OUTCOME_FAI" +
+      "LED\020\004\022\032\n\026TOOL_OUTCOME_TIMED_OUT\020\005\022\030\n\024TOO" +
+      "L_OUTCOME_SKIPPED\020\006*\237\001\n\014CancelReason\022\035\n\031" +
+      "CANCEL_REASON_UNSPECIFIED\020\000\022\030\n\024CANCEL_RE" +
+      "ASON_CLIENT\020\001\022\036\n\032CANCEL_REASON_CANCEL_ST" +
+      "AGE\020\002\022\032\n\026CANCEL_REASON_DEADLINE\020\003\022\032\n\026CAN" +
+      "CEL_REASON_SHUTDOWN\020\0042\216\004\n\020ToolchainServi" +
+      "ce\022I\n\010RunTools\022\035.toolchain.v1.RunToolsRe" +
+      "quest\032\036.toolchain.v1.RunToolsResponse\022U\n" +
+      "\014RunSynthesis\022!.toolchain.v1.RunSynthesi" +
+      "sRequest\032\".toolchain.v1.RunSynthesisResp" +
+      "onse\022T\n\013StreamTools\022 .toolchain.v1.Strea" +
+      "mToolsRequest\032!.toolchain.v1.StreamTools" +
+      "Response0\001\022`\n\017StreamSynthesis\022$.toolchai" +
+      "n.v1.StreamSynthesisRequest\032%.toolchain." +
+      "v1.StreamSynthesisResponse0\001\022R\n\013CancelSt" +
+      "age\022 .toolchain.v1.CancelStageRequest\032!." +
+      "toolchain.v1.CancelStageResponse\022L\n\tList" +
+      "Tools\022\036.toolchain.v1.ListToolsRequest\032\037." +
+      "toolchain.v1.ListToolsResponseB\262\001\n\035io.to" +
+      "olchaingrpc.toolchain.v1B\016ToolchainProto" +
+      "P\001ZKgithub.com/toolchain-grpc/toolchain-" +
+      "grpc/clients/go/toolchainv1;toolchainv1\242" +
+      "\002\003TXX\252\002\014Toolchain.V1\312\002\014Toolchain\\V1\352\002\rTo" +
+      "olchain::V1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -276,151 +301,157 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
     internal_static_toolchain_v1_StageRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StageRequest_descriptor,
-        new java.lang.String[] { "StageId", "SystemPrompt", "UserPrompt", "Model", "Backend", "ToolPhase", "SynthesisPhase", "Tools", });
-    internal_static_toolchain_v1_PhaseOptions_descriptor =
+        new java.lang.String[] { "StageId", "SystemPrompt", "UserPrompt", "Model", "Backend", "ToolPhase", "SynthesisPhase", "Tools", "MaxRounds", "ToolChoice", "RepairInvalidCalls", });
+    internal_static_toolchain_v1_ToolChoice_descriptor =
       getDescriptor().getMessageType(1);
+    internal_static_toolchain_v1_ToolChoice_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_toolchain_v1_ToolChoice_descriptor,
+        new java.lang.String[] { "Mode", "Tool", "Choice", });
+    internal_static_toolchain_v1_PhaseOptions_descriptor =
+      getDescriptor().getMessageType(2);
     internal_static_toolchain_v1_PhaseOptions_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_PhaseOptions_descriptor,
         new java.lang.String[] { "MaxTokens", "Temperature", });
     internal_static_toolchain_v1_RunToolsRequest_descriptor =
-      getDescriptor().getMessageType(2);
+      getDescriptor().getMessageType(3);
     internal_static_toolchain_v1_RunToolsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_RunToolsRequest_descriptor,
         new java.lang.String[] { "Stage", });
     internal_static_toolchain_v1_RunToolsResponse_descriptor =
-      getDescriptor().getMessageType(3);
+      getDescriptor().getMessageType(4);
     internal_static_toolchain_v1_RunToolsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_RunToolsResponse_descriptor,
-        new java.lang.String[] { "StageId", "ToolResults", "Text", "ToolPhase", });
+        new java.lang.String[] { "StageId", "ToolResults", "Text", "ToolPhase", "ToolRounds", "RoundsExhausted", "TotalUsage", });
     internal_static_toolchain_v1_RunSynthesisRequest_descriptor =
-      getDescriptor().getMessageType(4);
+      getDescriptor().getMessageType(5);
     internal_static_toolchain_v1_RunSynthesisRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_RunSynthesisRequest_descriptor,
         new java.lang.String[] { "Stage", });
     internal_static_toolchain_v1_RunSynthesisResponse_descriptor =
-      getDescriptor().getMessageType(5);
+      getDescriptor().getMessageType(6);
     internal_static_toolchain_v1_RunSynthesisResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_RunSynthesisResponse_descriptor,
-        new java.lang.String[] { "StageId", "Text", "ToolResults", "ToolPhase", "SynthesisPhase", });
+        new java.lang.String[] { "StageId", "Text", "ToolResults", "ToolPhase", "SynthesisPhase", "ToolRounds", "RoundsExhausted", "TotalUsage", });
     internal_static_toolchain_v1_StreamToolsRequest_descriptor =
-      getDescriptor().getMessageType(6);
+      getDescriptor().getMessageType(7);
     internal_static_toolchain_v1_StreamToolsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StreamToolsRequest_descriptor,
         new java.lang.String[] { "Stage", });
     internal_static_toolchain_v1_StreamToolsResponse_descriptor =
-      getDescriptor().getMessageType(7);
+      getDescriptor().getMessageType(8);
     internal_static_toolchain_v1_StreamToolsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StreamToolsResponse_descriptor,
         new java.lang.String[] { "Event", });
     internal_static_toolchain_v1_StreamSynthesisRequest_descriptor =
-      getDescriptor().getMessageType(8);
+      getDescriptor().getMessageType(9);
     internal_static_toolchain_v1_StreamSynthesisRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StreamSynthesisRequest_descriptor,
         new java.lang.String[] { "Stage", });
     internal_static_toolchain_v1_StreamSynthesisResponse_descriptor =
-      getDescriptor().getMessageType(9);
+      getDescriptor().getMessageType(10);
     internal_static_toolchain_v1_StreamSynthesisResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StreamSynthesisResponse_descriptor,
         new java.lang.String[] { "Event", });
     internal_static_toolchain_v1_StageEvent_descriptor =
-      getDescriptor().getMessageType(10);
+      getDescriptor().getMessageType(11);
     internal_static_toolchain_v1_StageEvent_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StageEvent_descriptor,
         new java.lang.String[] { "StageId", "Sequence", "Chunk", "ToolSummary", "Done", "Cancel", "Error", "Event", });
     internal_static_toolchain_v1_Chunk_descriptor =
-      getDescriptor().getMessageType(11);
+      getDescriptor().getMessageType(12);
     internal_static_toolchain_v1_Chunk_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Chunk_descriptor,
-        new java.lang.String[] { "Phase", "Content", "ToolCalls", "FinishReason", });
+        new java.lang.String[] { "Phase", "Content", "ToolCalls", "FinishReason", "Round", });
     internal_static_toolchain_v1_ToolCallDelta_descriptor =
-      getDescriptor().getMessageType(12);
+      getDescriptor().getMessageType(13);
     internal_static_toolchain_v1_ToolCallDelta_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ToolCallDelta_descriptor,
         new java.lang.String[] { "Index", "Id", "Name", "ArgumentsFragment", });
     internal_static_toolchain_v1_ToolSummary_descriptor =
-      getDescriptor().getMessageType(13);
+      getDescriptor().getMessageType(14);
     internal_static_toolchain_v1_ToolSummary_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ToolSummary_descriptor,
-        new java.lang.String[] { "Results", });
+        new java.lang.String[] { "Results", "Round", });
     internal_static_toolchain_v1_ToolCallResult_descriptor =
-      getDescriptor().getMessageType(14);
+      getDescriptor().getMessageType(15);
     internal_static_toolchain_v1_ToolCallResult_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ToolCallResult_descriptor,
-        new java.lang.String[] { "CallId", "ToolName", "Arguments", "Outcome", "Result", "Error", "Duration", });
+        new java.lang.String[] { "CallId", "ToolName", "Arguments", "Outcome", "Result", "Error", "Duration", "Round", "Truncated", });
     internal_static_toolchain_v1_Usage_descriptor =
-      getDescriptor().getMessageType(15);
+      getDescriptor().getMessageType(16);
     internal_static_toolchain_v1_Usage_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Usage_descriptor,
         new java.lang.String[] { "PromptTokens", "CompletionTokens", "TotalTokens", });
     internal_static_toolchain_v1_PhaseStats_descriptor =
-      getDescriptor().getMessageType(16);
+      getDescriptor().getMessageType(17);
     internal_static_toolchain_v1_PhaseStats_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_PhaseStats_descriptor,
-        new java.lang.String[] { "FinishReason", "Usage", "Duration", "Retries", "Model", });
+        new java.lang.String[] { "FinishReason", "Usage", "Duration", "Retries", "Model", "Round", });
     internal_static_toolchain_v1_Done_descriptor =
-      getDescriptor().getMessageType(17);
+      getDescriptor().getMessageType(18);
     internal_static_toolchain_v1_Done_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Done_descriptor,
-        new java.lang.String[] { "ToolPhase", "SynthesisPhase", "Text", });
+        new java.lang.String[] { "ToolPhase", "SynthesisPhase", "Text", "ToolRounds", "RoundsExhausted", "TotalUsage", });
     internal_static_toolchain_v1_Cancel_descriptor =
-      getDescriptor().getMessageType(18);
+      getDescriptor().getMessageType(19);
     internal_static_toolchain_v1_Cancel_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Cancel_descriptor,
         new java.lang.String[] { "Reason", "Message", });
     internal_static_toolchain_v1_StageError_descriptor =
-      getDescriptor().getMessageType(19);
+      getDescriptor().getMessageType(20);
     internal_static_toolchain_v1_StageError_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_StageError_descriptor,
         new java.lang.String[] { "Code", "Message", "Phase", "Retryable", "Reason", "RetryDelay", "FieldViolations", });
     internal_static_toolchain_v1_CancelStageRequest_descriptor =
-      getDescriptor().getMessageType(20);
+      getDescriptor().getMessageType(21);
     internal_static_toolchain_v1_CancelStageRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_CancelStageRequest_descriptor,
         new java.lang.String[] { "StageId", });
     internal_static_toolchain_v1_CancelStageResponse_descriptor =
-      getDescriptor().getMessageType(21);
+      getDescriptor().getMessageType(22);
     internal_static_toolchain_v1_CancelStageResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_CancelStageResponse_descriptor,
         new java.lang.String[] { "StageId", });
     internal_static_toolchain_v1_ListToolsRequest_descriptor =
-      getDescriptor().getMessageType(22);
+      getDescriptor().getMessageType(23);
     internal_static_toolchain_v1_ListToolsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ListToolsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_toolchain_v1_ListToolsResponse_descriptor =
-      getDescriptor().getMessageType(23);
+      getDescriptor().getMessageType(24);
     internal_static_toolchain_v1_ListToolsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ListToolsResponse_descriptor,
         new java.lang.String[] { "Tools", });
     internal_static_toolchain_v1_Tool_descriptor =
-      getDescriptor().getMessageType(24);
+      getDescriptor().getMessageType(25);
     internal_static_toolchain_v1_Tool_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Tool_descriptor,
-        new java.lang.String[] { "Name", "Description", "ParametersSchema", "Timeout", });
+        new java.lang.String[] { "Name", "Description", "ParametersSchema", "Timeout", "Source", });
     descriptor.resolveAllFeaturesImmutable();
     com.google.protobuf.DurationProto.getDescriptor();
     com.google.protobuf.StructProto.getDescriptor();
