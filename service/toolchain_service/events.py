@@ -47,8 +47,18 @@ class PhaseOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """What the model must do about tools in a stage's first round: `mode` "auto",
+    "required" or "none", or "tool" with the one `tool` it must call."""
+
+    mode: str = "auto"
+    tool: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StageSpec:
-    """A validated stage request. `synthesis` says whether phase 2 runs."""
+    """A validated stage request. `synthesis` says whether phase 2 runs; the tool phase
+    has up to `max_rounds` rounds."""
 
     stage_id: str
     system_prompt: str
@@ -60,6 +70,9 @@ class StageSpec:
     tools: tuple[str, ...]
     synthesis: bool
     stream: bool
+    max_rounds: int = 1
+    tool_choice: ToolChoice = ToolChoice()
+    repair: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,8 @@ class ChunkEvent:
     content: str = ""
     tool_calls: tuple[ToolCallDelta, ...] = ()
     finish_reason: str = ""
+    #: The tool round (from 1); for the synthesis phase, the last tool round plus one.
+    round: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +120,16 @@ class ToolCallResult:
     result: Any = None
     error: str = ""
     duration: float = 0.0
+    #: The output was over the size cap: `result` is the start of its JSON text, marked.
+    truncated: bool = False
+    #: The tool round of the call, from 1 (the runner sets it).
+    round: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class ToolSummaryEvent:
     results: tuple[ToolCallResult, ...]
+    round: int = 1
 
 
 @dataclass(slots=True)
@@ -119,6 +139,35 @@ class PhaseStats:
     usage: Usage | None = None
     duration: float = 0.0
     retries: int = 0
+    #: The tool round these are of, from 1; 0 for a whole phase.
+    round: int = 0
+
+
+def add_usage(a: Usage | None, b: Usage | None) -> Usage | None:
+    """The sum of two reported usages; None when neither was reported."""
+    if a is None or b is None:
+        return a or b
+    return Usage(
+        a.prompt_tokens + b.prompt_tokens,
+        a.completion_tokens + b.completion_tokens,
+        a.total_tokens + b.total_tokens,
+    )
+
+
+def combined(rounds: list[PhaseStats]) -> PhaseStats:
+    """The tool phase's statistics from its rounds': one round's own (as round 0), or
+    usage, duration and retries summed with the last round's finish reason."""
+    last = rounds[-1]
+    usage: Usage | None = None
+    for stats in rounds:
+        usage = add_usage(usage, stats.usage)
+    return PhaseStats(
+        model=last.model,
+        finish_reason=last.finish_reason,
+        usage=usage,
+        duration=sum(s.duration for s in rounds),
+        retries=sum(s.retries for s in rounds),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +175,17 @@ class DoneEvent:
     tool_phase: PhaseStats
     synthesis_phase: PhaseStats | None
     text: str
+    #: Each tool round's statistics, in order (one entry for a one-round stage).
+    tool_rounds: tuple[PhaseStats, ...] = ()
+    #: The last allowed round still made tool calls.
+    rounds_exhausted: bool = False
+
+    @property
+    def total_usage(self) -> Usage | None:
+        usage = self.tool_phase.usage
+        if self.synthesis_phase is not None:
+            usage = add_usage(usage, self.synthesis_phase.usage)
+        return usage
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ from toolchain_service.events import (
     ToolOutcome,
     ToolSummaryEvent,
     Usage,
+    combined,
 )
 from toolchain_service.toolcalls import ToolCallAssembler, parse_content_calls
 from toolchain_service.tools.registry import ToolRegistry
@@ -107,10 +108,42 @@ def _cut_by_max_tokens(calls: list[ToolCall], max_tokens: int) -> list[ToolCall]
     return [*calls[:-1], dataclasses.replace(last, problem=problem)]
 
 
-def _tool_message_content(result: ToolCallResult) -> str:
+#: Outcomes of calls that ran (a round with none of these changed nothing).
+_EXECUTED = frozenset({ToolOutcome.OK, ToolOutcome.FAILED, ToolOutcome.TIMED_OUT})
+_NOT_VALID = frozenset({ToolOutcome.INVALID_ARGUMENTS, ToolOutcome.UNKNOWN_TOOL})
+
+
+def _tool_message_content(result: ToolCallResult, *, repair: bool = False) -> str:
     if result.outcome == ToolOutcome.OK:
+        if result.truncated:
+            return str(result.result)  # already the marked start of the JSON text
         return json.dumps(result.result, ensure_ascii=False)
-    return json.dumps({"error": result.error, "outcome": result.outcome.name.lower()})
+    body = {"error": result.error, "outcome": result.outcome.name.lower()}
+    if repair and result.outcome in _NOT_VALID:
+        body["note"] = "this call was not executed; correct it and call the tool again"
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _round_messages(results: tuple[ToolCallResult, ...], *, repair: bool) -> list[dict[str, Any]]:
+    """The assistant turn of a round's calls and one tool message per call."""
+    assistant = {
+        "role": "assistant",
+        # "", not null: llama.cpp's server rejects a null content (HTTP 500).
+        "content": "",
+        "tool_calls": [
+            {
+                "id": r.call.id,
+                "type": "function",
+                "function": {"name": r.call.name, "arguments": r.call.arguments},
+            }
+            for r in results
+        ],
+    }
+    tools = [
+        {"role": "tool", "tool_call_id": r.call.id, "content": _tool_message_content(r, repair=repair)}
+        for r in results
+    ]
+    return [assistant, *tools]
 
 
 # Span attributes: built only while tracing is on (one flag check otherwise).
@@ -160,6 +193,20 @@ class StageRunner:
             raise NotFoundError(f"unknown tools {', '.join(unknown)}; available: {', '.join(available)}")
         return tuple(dict.fromkeys(requested))
 
+    def _offered(
+        self, spec: StageSpec, enabled: tuple[str, ...], round_no: int
+    ) -> tuple[tuple[str, ...], str]:
+        """The tools offered in a round and the backend's tool choice. The caller's choice
+        binds the first round only; later rounds are "auto", so that it cannot loop."""
+        choice = spec.tool_choice
+        if round_no > 1 or choice.mode == "auto":
+            return enabled, "auto"
+        if choice.mode == "none":
+            return (), "auto"
+        if choice.mode == "tool":
+            return (choice.tool,), choice.tool
+        return enabled, "required"
+
     async def run(self, spec: StageSpec, deadline: float | None = None) -> AsyncGenerator[StageEvent, None]:
         """The stage's events; `deadline` is a `time.monotonic()` instant or None."""
         phase = Phase.UNSPECIFIED
@@ -167,8 +214,14 @@ class StageRunner:
             backend = self.backends.resolve(spec.backend)
             model = self.backends.resolve_model(backend, spec.model)
             enabled = self.enabled_tools(spec.tools)
+            if spec.tool_choice.mode == "tool" and spec.tool_choice.tool not in enabled:
+                raise NotFoundError(
+                    f"tool_choice names {spec.tool_choice.tool!r}, which this stage does not offer; "
+                    f"offered: {', '.join(enabled)}"
+                )
             constrained = backend.capabilities.constrains_tool_calls
-            instructions = "" if constrained else self.tools.instructions(enabled)
+            no_tools_ever = spec.tool_choice.mode == "none" and spec.max_rounds == 1
+            instructions = "" if constrained or no_tools_ever else self.tools.instructions(enabled)
             system = f"{spec.system_prompt}\n\n{instructions}".strip() if instructions else spec.system_prompt
             messages: list[dict[str, Any]] = []
             if system:
@@ -176,65 +229,62 @@ class StageRunner:
             messages.append({"role": "user", "content": spec.user_prompt})
 
             phase = Phase.TOOL
-            started = time.monotonic()
-            tool_stats = PhaseStats(model=model)
-            request = ChatRequest(
-                model=model,
-                messages=messages,
-                max_tokens=spec.tool_phase.max_tokens,
-                temperature=spec.tool_phase.temperature,
-                tools=self.tools.specs(enabled) or None,
-                tool_hints=self.tools.hints(enabled) if constrained else None,
-            )
-            out = _PhaseOutput()
-            streamed = spec.stream and backend.capabilities.streams_tool_calls
-            with tracing.span("tool_phase", _phase_attributes(backend, model)) as span:
-                async with aclosing(
-                    self._call(backend, request, Phase.TOOL, out, tool_stats, deadline, streamed)
-                ) as chunks:
-                    async for event in chunks:
-                        yield event
+            rounds: list[PhaseStats] = []
+            calls: list[ToolCall] = []
+            text = ""
+            exhausted = False
+            for round_no in range(1, spec.max_rounds + 1):
+                offered, choice = self._offered(spec, enabled, round_no)
+                started = time.monotonic()
+                stats = PhaseStats(model=model, round=round_no)
+                request = ChatRequest(
+                    model=model,
+                    messages=messages,
+                    max_tokens=spec.tool_phase.max_tokens,
+                    temperature=spec.tool_phase.temperature,
+                    tools=self.tools.specs(offered) or None,
+                    tool_hints=self.tools.hints(offered) if constrained and offered else None,
+                    tool_choice=choice,
+                )
+                out = _PhaseOutput()
+                streamed = spec.stream and (not offered or backend.capabilities.streams_tool_calls)
+                with tracing.span("tool_phase", _phase_attributes(backend, model)) as span:
+                    async with aclosing(
+                        self._call(backend, request, Phase.TOOL, out, stats, deadline, streamed, round_no)
+                    ) as chunks:
+                        async for event in chunks:
+                            yield event
 
-                calls = out.assembler.calls()
-                text = out.text()
-                if not calls and not constrained:
-                    calls = parse_content_calls(text)
-                    if calls:
-                        text = ""
-                if out.finish_reason == "length":
-                    calls = _cut_by_max_tokens(calls, spec.tool_phase.max_tokens)
-                results = await self.tools.run(calls, enabled) if calls else ()
-                tool_stats.duration = time.monotonic() - started
-                if span.is_recording():
-                    _record_phase(span, tool_stats, len(calls))
-            yield ToolSummaryEvent(results)
+                    calls = out.assembler.calls()
+                    text = out.text()
+                    if not calls and not constrained and offered:
+                        calls = parse_content_calls(text)
+                        if calls:
+                            text = ""
+                    if out.finish_reason == "length":
+                        calls = _cut_by_max_tokens(calls, spec.tool_phase.max_tokens)
+                    results = await self.tools.run(calls, offered) if calls else ()
+                    results = tuple(dataclasses.replace(r, round=round_no) for r in results)
+                    stats.duration = time.monotonic() - started
+                    if span.is_recording():
+                        _record_phase(span, stats, len(calls))
+                rounds.append(stats)
+                yield ToolSummaryEvent(results, round_no)
+                if not calls:
+                    break
+                messages.extend(_round_messages(results, repair=spec.repair))
+                if not spec.repair and not any(r.outcome in _EXECUTED for r in results):
+                    break  # nothing ran: another round would only repeat it (repair is off)
+                exhausted = round_no == spec.max_rounds
 
+            tool_stats = combined(rounds)
             if not spec.synthesis or not calls:
-                yield DoneEvent(tool_stats, None, text)
+                yield DoneEvent(tool_stats, None, text, tuple(rounds), exhausted)
                 return
 
             phase = Phase.SYNTHESIS
             started = time.monotonic()
             synthesis_stats = PhaseStats(model=model)
-            messages.append(
-                {
-                    "role": "assistant",
-                    # "", not null: llama.cpp's server rejects a null content (HTTP 500).
-                    "content": "",
-                    "tool_calls": [
-                        {
-                            "id": r.call.id,
-                            "type": "function",
-                            "function": {"name": r.call.name, "arguments": r.call.arguments},
-                        }
-                        for r in results
-                    ],
-                }
-            )
-            messages.extend(
-                {"role": "tool", "tool_call_id": r.call.id, "content": _tool_message_content(r)}
-                for r in results
-            )
             request = ChatRequest(
                 model=model,
                 messages=messages,
@@ -242,16 +292,26 @@ class StageRunner:
                 temperature=spec.synthesis_phase.temperature,
             )
             out = _PhaseOutput()
+            synthesis_round = len(rounds) + 1
             with tracing.span("synthesis_phase", _phase_attributes(backend, model)) as span:
                 async with aclosing(
-                    self._call(backend, request, Phase.SYNTHESIS, out, synthesis_stats, deadline, spec.stream)
+                    self._call(
+                        backend,
+                        request,
+                        Phase.SYNTHESIS,
+                        out,
+                        synthesis_stats,
+                        deadline,
+                        spec.stream,
+                        synthesis_round,
+                    )
                 ) as chunks:
                     async for event in chunks:
                         yield event
                 synthesis_stats.duration = time.monotonic() - started
                 if span.is_recording():
                     _record_phase(span, synthesis_stats, 0)
-            yield DoneEvent(tool_stats, synthesis_stats, out.text())
+            yield DoneEvent(tool_stats, synthesis_stats, out.text(), tuple(rounds), exhausted)
         except StageError as exc:
             if exc.phase == Phase.UNSPECIFIED:
                 exc.phase = phase
@@ -271,6 +331,7 @@ class StageRunner:
         stats: PhaseStats,
         deadline: float | None,
         streamed: bool,
+        round_no: int,
     ) -> AsyncGenerator[ChunkEvent, None]:
         """One model call with retries; yields chunks (only when the stage streams)."""
         attempt = 0
@@ -289,6 +350,7 @@ class StageRunner:
                                 chunk = self._absorb(
                                     out,
                                     phase,
+                                    round_no,
                                     delta.content,
                                     delta.tool_calls,
                                     delta.finish_reason,
@@ -299,7 +361,7 @@ class StageRunner:
                                     yield chunk
                     else:
                         completion = await backend.complete(request)
-                        chunk = self._absorb_completion(out, phase, completion)
+                        chunk = self._absorb_completion(out, phase, round_no, completion)
                         if chunk is not None:
                             yield chunk
                 break
@@ -343,6 +405,7 @@ class StageRunner:
     def _absorb(
         out: _PhaseOutput,
         phase: Phase,
+        round_no: int,
         content: str,
         tool_calls: tuple[ToolCallDelta, ...],
         finish_reason: str,
@@ -360,15 +423,15 @@ class StageRunner:
             out.content.append(content)
         if not (content or forwarded or finish_reason):
             return None  # a role-only or usage-only chunk: nothing for the caller
-        return ChunkEvent(phase, content, forwarded, finish_reason)
+        return ChunkEvent(phase, content, forwarded, finish_reason, round_no)
 
     def _absorb_completion(
-        self, out: _PhaseOutput, phase: Phase, completion: Completion
+        self, out: _PhaseOutput, phase: Phase, round_no: int, completion: Completion
     ) -> ChunkEvent | None:
         deltas = tuple(
             ToolCallDelta(index, call.id, call.name, call.arguments)
             for index, call in enumerate(completion.tool_calls)
         )
         return self._absorb(
-            out, phase, completion.content, deltas, completion.finish_reason, completion.usage
+            out, phase, round_no, completion.content, deltas, completion.finish_reason, completion.usage
         )

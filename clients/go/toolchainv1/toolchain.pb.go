@@ -356,12 +356,12 @@ type StageRequest struct {
 	// always "auto", so that a required or named choice cannot loop. Unset:
 	// auto. A named tool must be one of this stage's tools (else NOT_FOUND).
 	ToolChoice *ToolChoice `protobuf:"bytes,10,opt,name=tool_choice,json=toolChoice,proto3" json:"tool_choice,omitempty"`
-	// Whether a round whose calls failed validation (INVALID_ARGUMENTS,
-	// UNKNOWN_TOOL) leads to another round in which the model sees the
-	// validation errors as those calls' results and may correct them, within
-	// max_rounds. Off: such a round ends the loop like a round without calls
-	// when none of its calls was executed. Each attempt is in its own round's
-	// ToolSummary.
+	// Whether a round none of whose calls was executed (all INVALID_ARGUMENTS,
+	// UNKNOWN_TOOL or SKIPPED) leads to another round, within max_rounds, in
+	// which the model sees the validation errors as those calls' results, with
+	// a note to correct them. Off: such a round ends the loop (a synthesis RPC
+	// then answers from the errors in its synthesis phase, as with one round).
+	// Either way every attempt is in its own round's ToolSummary.
 	RepairInvalidCalls bool `protobuf:"varint,11,opt,name=repair_invalid_calls,json=repairInvalidCalls,proto3" json:"repair_invalid_calls,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache

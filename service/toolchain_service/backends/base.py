@@ -63,6 +63,9 @@ class ChatRequest:
     tool_hints: dict[str, ToolHint] | None = None
     #: Extra JSON fields of this request's body (e.g. a response_format grammar).
     extra: dict[str, Any] | None = None
+    #: With tools: "auto", "required", or the one tool's name the model must call (the
+    #: runner then offers only that tool). "none" never reaches a backend: no tools are sent.
+    tool_choice: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,8 +130,8 @@ def tool_schemas(
     return out
 
 
-def envelope_schema(tools: list[ToolSchema]) -> dict[str, Any]:
-    """A call of one of `tools` or a JSON string (the text answer)."""
+def envelope_schema(tools: list[ToolSchema], *, text: bool = True) -> dict[str, Any]:
+    """A call of one of `tools` or, with `text`, a JSON string (the text answer)."""
     options: list[dict[str, Any]] = [
         {
             "type": "object",
@@ -141,7 +141,8 @@ def envelope_schema(tools: list[ToolSchema]) -> dict[str, Any]:
         }
         for tool in tools
     ]
-    options.append({"type": "string"})
+    if text:
+        options.append({"type": "string"})
     return {"anyOf": options}
 
 

@@ -360,9 +360,11 @@ class LocalModelBackend(ChatBackend):
         if not request.tools:
             return replace(request, messages=messages)
         tools = tool_schemas(request.tools, request.tool_hints)
+        # A required or named choice: the grammar admits calls only, no text answer.
+        schema = envelope_schema(tools, text=request.tool_choice == "auto")
         extra = {
             **(request.extra or {}),
-            "response_format": {"type": "json_schema", "json_schema": {"schema": envelope_schema(tools)}},
+            "response_format": {"type": "json_schema", "json_schema": {"schema": schema}},
         }
         return replace(
             request,

@@ -74,6 +74,13 @@ async def _drain(raw: AsyncIterator[bytes], limit: int = 64 << 10, seconds: floa
         return
 
 
+def _tool_choice(choice: str) -> str | dict[str, Any]:
+    """The OpenAI wire form of a tool choice: a mode, or the one function to call."""
+    if choice in ("auto", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
+
+
 def _retry_after(response: httpx2.Response) -> float | None:
     """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
     value = response.headers.get("retry-after", "").strip()
@@ -205,7 +212,7 @@ class OpenAIHTTPBackend(ChatBackend):
         }
         if request.tools:
             body["tools"] = request.tools
-            body["tool_choice"] = "auto"
+            body["tool_choice"] = _tool_choice(request.tool_choice)
         body.update(self._body(request, stream))
         if request.extra:
             body.update(request.extra)

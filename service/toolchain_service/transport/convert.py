@@ -19,6 +19,7 @@ from toolchain_service.events import (
     StageEvent,
     ToolCallResult,
     ToolSummaryEvent,
+    Usage,
 )
 
 
@@ -51,10 +52,18 @@ def tool_result(result: ToolCallResult) -> pb.ToolCallResult:
         outcome=result.outcome.value,  # type: ignore[arg-type]
         error=result.error,
         duration=duration(result.duration),
+        round=result.round,
+        truncated=result.truncated,
     )
     if result.outcome.name == "OK":
         message.result.CopyFrom(value(result.result))
     return message
+
+
+def usage(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens
+    )
 
 
 def phase_stats(stats: PhaseStats) -> pb.PhaseStats:
@@ -63,16 +72,10 @@ def phase_stats(stats: PhaseStats) -> pb.PhaseStats:
         duration=duration(stats.duration),
         retries=stats.retries,
         model=stats.model,
+        round=stats.round,
     )
     if stats.usage is not None:
-        u = stats.usage
-        message.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-                total_tokens=u.total_tokens,
-            )
-        )
+        message.usage.CopyFrom(usage(stats.usage))
     return message
 
 
@@ -114,6 +117,7 @@ def fill_event(out: pb.StageEvent, stage_id: str, sequence: int, event: StageEve
     if isinstance(event, ChunkEvent):
         chunk = out.chunk
         chunk.phase = event.phase.value  # type: ignore[assignment]
+        chunk.round = event.round
         if event.content:
             chunk.content = event.content
         if event.finish_reason:
@@ -121,7 +125,7 @@ def fill_event(out: pb.StageEvent, stage_id: str, sequence: int, event: StageEve
         for d in event.tool_calls:
             chunk.tool_calls.add(index=d.index, id=d.id, name=d.name, arguments_fragment=d.arguments)
     elif isinstance(event, ToolSummaryEvent):
-        out.tool_summary.SetInParent()
+        out.tool_summary.round = event.round
         out.tool_summary.results.extend(tool_result(r) for r in event.results)
     elif isinstance(event, DoneEvent):
         done = out.done
@@ -129,6 +133,11 @@ def fill_event(out: pb.StageEvent, stage_id: str, sequence: int, event: StageEve
         done.tool_phase.CopyFrom(phase_stats(event.tool_phase))
         if event.synthesis_phase is not None:
             done.synthesis_phase.CopyFrom(phase_stats(event.synthesis_phase))
+        done.tool_rounds.extend(phase_stats(r) for r in event.tool_rounds)
+        done.rounds_exhausted = event.rounds_exhausted
+        total = event.total_usage
+        if total is not None:
+            done.total_usage.CopyFrom(usage(total))
     elif isinstance(event, CancelEvent):
         out.cancel.reason = event.reason.value  # type: ignore[assignment]
         out.cancel.message = event.message
@@ -148,27 +157,38 @@ class Fold:
 
     def add(self, event: StageEvent) -> None:
         if isinstance(event, ToolSummaryEvent):
-            self.results = event.results
+            self.results += event.results
         elif isinstance(event, DoneEvent):
             self.done = event
 
     def tools_response(self) -> pb.RunToolsResponse:
-        assert self.done is not None
-        return pb.RunToolsResponse(
+        done = self.done
+        assert done is not None
+        response = pb.RunToolsResponse(
             stage_id=self.stage_id,
             tool_results=[tool_result(r) for r in self.results],
-            text=self.done.text,
-            tool_phase=phase_stats(self.done.tool_phase),
+            text=done.text,
+            tool_phase=phase_stats(done.tool_phase),
+            tool_rounds=[phase_stats(r) for r in done.tool_rounds],
+            rounds_exhausted=done.rounds_exhausted,
         )
+        if done.total_usage is not None:
+            response.total_usage.CopyFrom(usage(done.total_usage))
+        return response
 
     def synthesis_response(self) -> pb.RunSynthesisResponse:
-        assert self.done is not None
+        done = self.done
+        assert done is not None
         response = pb.RunSynthesisResponse(
             stage_id=self.stage_id,
-            text=self.done.text,
+            text=done.text,
             tool_results=[tool_result(r) for r in self.results],
-            tool_phase=phase_stats(self.done.tool_phase),
+            tool_phase=phase_stats(done.tool_phase),
+            tool_rounds=[phase_stats(r) for r in done.tool_rounds],
+            rounds_exhausted=done.rounds_exhausted,
         )
-        if self.done.synthesis_phase is not None:
-            response.synthesis_phase.CopyFrom(phase_stats(self.done.synthesis_phase))
+        if done.synthesis_phase is not None:
+            response.synthesis_phase.CopyFrom(phase_stats(done.synthesis_phase))
+        if done.total_usage is not None:
+            response.total_usage.CopyFrom(usage(done.total_usage))
         return response

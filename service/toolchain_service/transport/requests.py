@@ -14,7 +14,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from toolchain_service.config import PhaseDefaults, Settings
 from toolchain_service.errors import FieldViolation, InvalidRequest
-from toolchain_service.events import PhaseOptions, StageSpec
+from toolchain_service.events import PhaseOptions, StageSpec, ToolChoice
 from toolchain_service.transport.decoding import Undecodable
 
 MAX_ID_CHARS = 128
@@ -40,6 +40,29 @@ def _phase(
                 FieldViolation(f"{path}.temperature", f"must be between 0.0 and 2.0, got {temperature}")
             )
     return PhaseOptions(max_tokens=max_tokens, temperature=temperature)
+
+
+_MODES = {
+    pb.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+    pb.TOOL_CHOICE_MODE_AUTO: "auto",
+    pb.TOOL_CHOICE_MODE_REQUIRED: "required",
+    pb.TOOL_CHOICE_MODE_NONE: "none",
+}
+
+
+def _tool_choice(choice: pb.ToolChoice, bad: list[FieldViolation]) -> ToolChoice:
+    which = choice.WhichOneof("choice")
+    if which == "tool":
+        if not choice.tool or len(choice.tool) > MAX_NAME_CHARS:
+            bad.append(FieldViolation("stage.tool_choice.tool", "must be a tool name (see ListTools)"))
+        return ToolChoice("tool", choice.tool)
+    if which == "mode":
+        mode = _MODES.get(choice.mode)
+        if mode is None:
+            bad.append(FieldViolation("stage.tool_choice.mode", f"unknown mode {choice.mode}"))
+            return ToolChoice()
+        return ToolChoice(mode)
+    return ToolChoice()
 
 
 def _valid_stage_id(stage_id: str) -> bool:
@@ -88,6 +111,12 @@ def parse_stage(request: pb.StageRequest, settings: Settings, *, synthesis: bool
     synthesis_phase = _phase(
         request.synthesis_phase, settings.synthesis_phase, ceiling, "stage.synthesis_phase", bad
     )
+    max_rounds = settings.default_rounds
+    if request.HasField("max_rounds"):
+        max_rounds = request.max_rounds
+        if not 1 <= max_rounds <= settings.max_rounds:
+            bad.append(FieldViolation("stage.max_rounds", f"must be 1 to {settings.max_rounds}"))
+    tool_choice = _tool_choice(request.tool_choice, bad)
     if bad:
         raise InvalidRequest(bad)
     return StageSpec(
@@ -101,4 +130,7 @@ def parse_stage(request: pb.StageRequest, settings: Settings, *, synthesis: bool
         tools=tuple(request.tools),
         synthesis=synthesis,
         stream=stream,
+        max_rounds=max_rounds,
+        tool_choice=tool_choice,
+        repair=request.repair_invalid_calls,
     )

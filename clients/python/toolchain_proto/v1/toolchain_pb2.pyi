@@ -248,12 +248,12 @@ class StageRequest(_message.Message):
     with that round's text. 1 is the classic two-phase stage.
     """
     repair_invalid_calls: _builtins.bool
-    """Whether a round whose calls failed validation (INVALID_ARGUMENTS,
-    UNKNOWN_TOOL) leads to another round in which the model sees the
-    validation errors as those calls' results and may correct them, within
-    max_rounds. Off: such a round ends the loop like a round without calls
-    when none of its calls was executed. Each attempt is in its own round's
-    ToolSummary.
+    """Whether a round none of whose calls was executed (all INVALID_ARGUMENTS,
+    UNKNOWN_TOOL or SKIPPED) leads to another round, within max_rounds, in
+    which the model sees the validation errors as those calls' results, with
+    a note to correct them. Off: such a round ends the loop (a synthesis RPC
+    then answers from the errors in its synthesis phase, as with one round).
+    Either way every attempt is in its own round's ToolSummary.
     """
     @_builtins.property
     def tool_phase(self) -> Global___PhaseOptions:
