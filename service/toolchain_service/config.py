@@ -298,6 +298,10 @@ class Settings(BaseSettings):
     tool_phase: PhaseDefaults = PhaseDefaults(max_tokens=256, temperature=0.0)
     synthesis_phase: PhaseDefaults = PhaseDefaults(max_tokens=512, temperature=0.7)
     max_tokens_ceiling: int = Field(8192, ge=1, description="largest max_tokens a caller may ask for")
+    default_rounds: int = Field(
+        1, ge=1, description="tool rounds of a stage whose request sets no max_rounds"
+    )
+    max_rounds: int = Field(8, ge=1, description="largest max_rounds a caller may ask for")
     max_prompt_chars: int = Field(200_000, ge=1, description="longest system or user prompt")
     max_concurrent_stages: int = Field(2000, ge=1, description="running stages; beyond: RESOURCE_EXHAUSTED")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request message")
