@@ -4,6 +4,7 @@ invalid calls (repair_invalid_calls), and be told what to do about tools (tool_c
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from tests.conftest import Harness, collect, kinds, stage
 from tests.fakes.openai_backend import JSONReply, SSEReply, call, completion, text_chunks, tool_call_chunks
+from tests.fakes.server_process import run_to_end
 
 EXPRESSIONS = ("1+1", "2*3", "6*7")
 ANSWER = "After three rounds: 42."
@@ -177,3 +179,18 @@ async def test_a_named_tool_choice_outside_the_stages_tools_is_not_found(h: Harn
         await h.stub.RunTools(request)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "get_weather" in (caught.value.details() or "") and h.fake.request_count == 0
+
+
+async def test_the_cli_runs_rounds_and_shows_each(h: Harness) -> None:
+    script_rounds(h, stream=True)
+    code, out, err = await run_to_end(
+        sys.executable, "-m", "toolchain_client", "run", "--target", h.server.address, "--max-rounds", "3",
+        "--tool-choice", "required", "What is 6*7 in three steps?", timeout=60,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "tool round 2" in out and "tool round 3" in out and ANSWER in out
+    assert h.fake.requests[0]["tool_choice"] == "required"
+    code, _, err = await run_to_end(
+        sys.executable, "-m", "toolchain_client", "run", "--tool-choice", "some", "x", timeout=60
+    )
+    assert code == 2 and "must be auto, required, none or tool:NAME" in err

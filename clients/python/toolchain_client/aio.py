@@ -86,8 +86,13 @@ def build_stage(
     tools: Iterable[str] = (),
     tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
     synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+    max_rounds: int | None = None,
+    tool_choice: str | pb.ToolChoice | None = None,
+    repair_invalid_calls: bool = False,
 ) -> pb.StageRequest:
-    """The StageRequest all four stage RPCs carry. Phase options are set only when given."""
+    """The StageRequest all four stage RPCs carry. Phase options and max_rounds are set
+    only when given; `tool_choice` is "auto", "required", "none" or a pb.ToolChoice (e.g.
+    `pb.ToolChoice(tool="calculator")` for one named tool)."""
     stage = pb.StageRequest(
         stage_id=stage_id,
         system_prompt=system_prompt,
@@ -95,7 +100,23 @@ def build_stage(
         model=model,
         backend=backend,
         tools=list(tools),
+        repair_invalid_calls=repair_invalid_calls,
     )
+    if max_rounds is not None:
+        stage.max_rounds = max_rounds
+    if isinstance(tool_choice, pb.ToolChoice):
+        stage.tool_choice.CopyFrom(tool_choice)
+    elif tool_choice is not None:
+        modes = {
+            "auto": pb.TOOL_CHOICE_MODE_AUTO,
+            "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+            "none": pb.TOOL_CHOICE_MODE_NONE,
+        }
+        if tool_choice not in modes:
+            raise ValueError(
+                f"tool_choice must be auto, required, none or a pb.ToolChoice, not {tool_choice!r}"
+            )
+        stage.tool_choice.mode = modes[tool_choice]
     tool_options = _phase(tool_phase)
     if tool_options is not None:
         stage.tool_phase.CopyFrom(tool_options)
@@ -257,6 +278,9 @@ class ToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> pb.RunToolsResponse:
         """RunTools: the tool phase only; the tool results in one response."""
@@ -269,6 +293,9 @@ class ToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         return await self._stub.RunTools(
             pb.RunToolsRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -285,6 +312,9 @@ class ToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> pb.RunSynthesisResponse:
         """RunSynthesis: both phases; the final text and the tool results in one response."""
@@ -297,6 +327,9 @@ class ToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         return await self._stub.RunSynthesis(
             pb.RunSynthesisRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -313,6 +346,9 @@ class ToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.StageEvent]:
         """StreamTools: the events of the tool phase. The call starts on the first
@@ -328,6 +364,9 @@ class ToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         call = self._stub.StreamTools(
             pb.StreamToolsRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -349,6 +388,9 @@ class ToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.StageEvent]:
         """StreamSynthesis: the events of both phases; see `stream_tools` for cancelling."""
@@ -361,6 +403,9 @@ class ToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         call = self._stub.StreamSynthesis(
             pb.StreamSynthesisRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata

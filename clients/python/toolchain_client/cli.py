@@ -133,9 +133,9 @@ class _StreamPrinter:
     def __init__(self, out: TextIO, *, dim: bool) -> None:
         self.out = out
         self.dim = dim
-        self.phase: int | None = None
+        self.phase: tuple[int, int] | None = None  # (phase, round)
         self.open_call: int | None = None
-        self.call_names: dict[tuple[int, int], str] = {}
+        self.call_names: dict[tuple[int, int, int], str] = {}
         self.line_open = False
         self.content_chars = 0
 
@@ -162,9 +162,13 @@ class _StreamPrinter:
         self.write(self.style(f"── {title} ──") + "\n")
 
     def chunk(self, chunk: pb.Chunk) -> None:
-        if chunk.phase != self.phase:
-            self.phase = chunk.phase
-            self.header("synthesis" if chunk.phase == pb.PHASE_SYNTHESIS else "tool phase")
+        if (chunk.phase, chunk.round) != self.phase:
+            first = self.phase is None or chunk.round <= 1
+            self.phase = (chunk.phase, chunk.round)
+            if chunk.phase == pb.PHASE_SYNTHESIS:
+                self.header("synthesis")
+            else:
+                self.header("tool phase" if first else f"tool round {chunk.round}")
         if chunk.content:
             self._close_call()
             self.write(chunk.content)
@@ -172,7 +176,7 @@ class _StreamPrinter:
         for delta in chunk.tool_calls:
             if delta.index != self.open_call:
                 self.end_line()
-                key = (chunk.phase, delta.index)
+                key = (chunk.phase, chunk.round, delta.index)
                 if key in self.call_names:  # the call's fragments came back after another call's
                     self.write(f"→ {self.call_names[key]}(…")
                 else:
@@ -300,11 +304,20 @@ async def _run(args: argparse.Namespace, prompt: str) -> int:
         "tools": [name.strip() for name in (args.tools or "").split(",") if name.strip()],
         "tool_phase": _phase_options(args.tool_max_tokens, args.tool_temperature),
         "synthesis_phase": _phase_options(args.synthesis_max_tokens, args.synthesis_temperature),
+        "max_rounds": args.max_rounds,
+        "tool_choice": _tool_choice(args.tool_choice),
+        "repair_invalid_calls": args.repair,
     }
     async with ToolchainClient(args.target, **_connection(args)) as client:
         if args.unary:
             return await _run_unary(client, args, stage)
         return await _run_stream(client, args, stage)
+
+
+def _tool_choice(text: str | None) -> str | pb.ToolChoice | None:
+    if text is not None and text.startswith("tool:"):
+        return pb.ToolChoice(tool=text.removeprefix("tool:"))
+    return text
 
 
 def _use_style(stream: TextIO) -> bool:
@@ -356,6 +369,10 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 # --- arguments ------------------------------------------------------------------------
+
+
+def _bad_choice(text: str) -> str:
+    raise argparse.ArgumentTypeError(f"must be auto, required, none or tool:NAME, got {text!r}")
 
 
 def _positive_float(text: str) -> float:
@@ -432,6 +449,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--synthesis-max-tokens", type=int, metavar="N")
     run.add_argument("--synthesis-temperature", type=float, metavar="T")
     run.add_argument("--stage-id", default="", metavar="ID", help="stage id (default: the server makes one)")
+    run.add_argument(
+        "--max-rounds", type=int, metavar="N", help="tool rounds the model may have (default: the server's)"
+    )
+    run.add_argument(
+        "--tool-choice",
+        metavar="CHOICE",
+        help="first round: auto, required, none, or tool:NAME (default: auto)",
+        type=lambda t: (
+            t
+            if t in ("auto", "required", "none") or (t.startswith("tool:") and len(t) > 5)
+            else _bad_choice(t)
+        ),
+    )
+    run.add_argument(
+        "--repair", action="store_true", help="let the model correct calls that failed validation"
+    )
     run.add_argument("--tools-only", action="store_true", help="tool phase only (StreamTools / RunTools)")
     run.add_argument("--unary", action="store_true", help="one response (RunSynthesis / RunTools)")
     run.add_argument("--json", action="store_true", help="one JSON object per event per line")

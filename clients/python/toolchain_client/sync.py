@@ -79,6 +79,9 @@ class SyncToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> pb.RunToolsResponse:
         """RunTools: the tool phase only; the tool results in one response."""
@@ -91,6 +94,9 @@ class SyncToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         return self._stub.RunTools(
             pb.RunToolsRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -107,6 +113,9 @@ class SyncToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> pb.RunSynthesisResponse:
         """RunSynthesis: both phases; the final text and the tool results in one response."""
@@ -119,6 +128,9 @@ class SyncToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         return self._stub.RunSynthesis(
             pb.RunSynthesisRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -135,6 +147,9 @@ class SyncToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> Iterator[pb.StageEvent]:
         """StreamTools: the events of the tool phase. The call starts on the first `next`;
@@ -149,6 +164,9 @@ class SyncToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         call = self._stub.StreamTools(
             pb.StreamToolsRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
@@ -170,6 +188,9 @@ class SyncToolchainClient:
         tools: Iterable[str] = (),
         tool_phase: PhaseOptions | pb.PhaseOptions | None = None,
         synthesis_phase: PhaseOptions | pb.PhaseOptions | None = None,
+        max_rounds: int | None = None,
+        tool_choice: str | pb.ToolChoice | None = None,
+        repair_invalid_calls: bool = False,
         timeout: float | None = None,
     ) -> Iterator[pb.StageEvent]:
         """StreamSynthesis: the events of both phases; see `stream_tools` for cancelling."""
@@ -182,6 +203,9 @@ class SyncToolchainClient:
             tools=tools,
             tool_phase=tool_phase,
             synthesis_phase=synthesis_phase,
+            max_rounds=max_rounds,
+            tool_choice=tool_choice,
+            repair_invalid_calls=repair_invalid_calls,
         )
         call = self._stub.StreamSynthesis(
             pb.StreamSynthesisRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
