@@ -94,6 +94,12 @@ class BackendSettings(_Strict):
     streams_tool_calls: bool | None = Field(
         None, description="whether a streamed tool_choice=auto works; unset: the kind's default"
     )
+    tool_parser: str | None = Field(
+        None,
+        description="how tool calls written in the message content are read: native (structured"
+        " tool_calls only), json, hermes, mistral, llama3_json, pythonic, or several joined by '+'"
+        " and tried in order; unset: the kind's default (openai: hermes+json, local: native)",
+    )
     model_path: str = Field(
         "",
         description="local: GGUF file; empty: the bundled SmolLM2-135M-Instruct",

@@ -1,21 +1,25 @@
 """The stage runner: one async generator of domain events behind all four RPCs.
 
-    run(spec) ─▶ ChunkEvent* (tool phase) ─▶ ToolSummaryEvent ─▶ ChunkEvent* (synthesis)
-             ─▶ DoneEvent | ErrorEvent           (CancelledError always propagates)
+    run(spec) ─▶ ( ChunkEvent* (tool round r) ─▶ ToolSummaryEvent (round r) )  r = 1..k
+             ─▶ ChunkEvent* (synthesis) ─▶ DoneEvent | ErrorEvent   (CancelledError propagates)
 
-Phase 1 asks the model for tool calls (tools + tool_choice="auto"), streamed when the
-caller streams and the backend can stream tool calls, otherwise unstreamed and replayed
-as one chunk. Calls come from structured tool_calls or, failing those, from JSON in the
-content. The registry validates every call and runs the valid ones. Phase 2 sends the
-assistant message with its tool calls and one tool message per call back to the model.
+A tool round asks the model for tool calls (the stage's tools; the caller's tool_choice in
+round 1, "auto" after), streamed when the caller streams and the backend can stream tool
+calls, otherwise unstreamed and replayed as one chunk. Calls come from structured tool_calls
+or, failing those, from the content. The registry validates every call and runs the valid
+ones. While rounds remain (spec.max_rounds) and the round made calls that ran (or, with
+repair, calls that failed validation), the assistant turn and one tool message per call go
+back to the model for another round; a round without calls ends the stage with its text.
+The synthesis phase (synthesis RPCs, after a round with calls) sends the whole conversation
+without tools.
 
 Transient backend failures (BackendUnavailable) are retried with jittered exponential
 backoff (at least the backend's Retry-After; a longer Retry-After goes to the caller in
-RetryInfo) while nothing of that phase has reached the caller and the deadline allows;
-both phases are idempotent (tools run between them, never inside a retried call). The
-retries count in PhaseStats.retries, and in the error when the phase gives up.
-Unary callers get the same events and fold them; they never see chunks of a phase
-twice because retries happen only before the first chunk.
+RetryInfo) while nothing of that model call has reached the caller and the deadline allows;
+every model call is idempotent (tools run between calls, never inside a retried one). The
+retries count in PhaseStats.retries, and in the error when the phase gives up. Unary
+callers get the same events and fold them; they never see chunks of a call twice because
+retries happen only before its first chunk.
 
 An answer cut by max_tokens (finish_reason "length") in the middle of a tool call makes
 that call INVALID_ARGUMENTS with a message saying so, instead of a bare JSON error.

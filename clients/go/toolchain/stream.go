@@ -104,13 +104,53 @@ func (s *Stream) StageID() string { return s.check.stageID }
 // Terminal is the terminal event, once it was read.
 func (s *Stream) Terminal() *pb.StageEvent { return s.check.terminal }
 
+// Rounds is the number of ToolSummary events read so far: the tool rounds
+// that have ended.
+func (s *Stream) Rounds() int { return s.check.rounds }
+
+// roundMode says how a stream numbers its tool rounds; the first chunk or
+// ToolSummary decides it.
+type roundMode int
+
+const (
+	roundsUnknown  roundMode = iota // no chunk or ToolSummary yet
+	roundsNumbered                  // rounds 1, 2, ...; synthesis chunks: last round + 1
+	roundsLegacy                    // round 0 everywhere: a server from before tool rounds, one round at most
+)
+
 // checker holds the invariant state of one stream.
 type checker struct {
 	synthesis bool // StreamSynthesis: synthesis chunks are allowed
 	next      uint32
 	stageID   string
-	summary   bool
+	mode      roundMode
+	rounds    int  // ToolSummary events so far
+	synStart  bool // a synthesis chunk was read
 	terminal  *pb.StageEvent
+}
+
+// round checks the round number of a chunk or ToolSummary. Tool events carry
+// the round in progress (the number of summaries so far + 1), synthesis
+// chunks the last tool round + 1: both are rounds+1. A server that numbers no
+// round (0 on every event so far) is a server from before tool rounds, and
+// must then keep to 0 and to one round.
+func (c *checker) round(seq int64, what string, round int32) *ProtocolError {
+	if c.mode == roundsUnknown {
+		c.mode = roundsNumbered
+		if round == 0 {
+			c.mode = roundsLegacy
+		}
+	}
+	if c.mode == roundsLegacy {
+		if round != 0 {
+			return c.fail(seq, "%s of round %d in a stream whose earlier events had round 0", what, round)
+		}
+		return nil
+	}
+	if want := int32(c.rounds + 1); round != want {
+		return c.fail(seq, "%s of round %d where round %d was due", what, round, want)
+	}
+	return nil
 }
 
 func (c *checker) fail(seq int64, format string, args ...any) *ProtocolError {
@@ -141,26 +181,42 @@ func (c *checker) event(ev *pb.StageEvent) *ProtocolError {
 	case *pb.StageEvent_Chunk:
 		switch e.Chunk.GetPhase() {
 		case pb.Phase_PHASE_TOOL:
-			if c.summary {
+			if c.synStart {
+				return c.fail(seq, "a tool phase chunk after the synthesis phase started")
+			}
+			if c.mode == roundsLegacy && c.rounds > 0 {
 				return c.fail(seq, "a tool phase chunk after the ToolSummary")
+			}
+			if p := c.round(seq, "a tool phase chunk", e.Chunk.GetRound()); p != nil {
+				return p
 			}
 		case pb.Phase_PHASE_SYNTHESIS:
 			if !c.synthesis {
 				return c.fail(seq, "a synthesis chunk in a tools-only stream")
 			}
-			if !c.summary {
+			if c.rounds == 0 {
 				return c.fail(seq, "a synthesis chunk before the ToolSummary")
 			}
+			if p := c.round(seq, "a synthesis chunk", e.Chunk.GetRound()); p != nil {
+				return p
+			}
+			c.synStart = true
 		default:
 			return c.fail(seq, "a chunk of phase %v", e.Chunk.GetPhase())
 		}
 	case *pb.StageEvent_ToolSummary:
-		if c.summary {
-			return c.fail(seq, "a second ToolSummary")
+		if c.synStart {
+			return c.fail(seq, "a ToolSummary after the synthesis phase started")
 		}
-		c.summary = true
+		if c.mode == roundsLegacy && c.rounds > 0 {
+			return c.fail(seq, "a second ToolSummary in a stream without round numbers")
+		}
+		if p := c.round(seq, "a ToolSummary", e.ToolSummary.GetRound()); p != nil {
+			return p
+		}
+		c.rounds++
 	case *pb.StageEvent_Done:
-		if !c.summary {
+		if c.rounds == 0 {
 			return c.fail(seq, "Done without a ToolSummary before it")
 		}
 		c.terminal = ev

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -20,12 +21,18 @@ import (
 // These tests need no server: they feed the stream helper scripted events and
 // a final status, and check what a reader observes.
 
-func chunk(phase pb.Phase, text string) *pb.StageEvent {
-	return &pb.StageEvent{Event: &pb.StageEvent_Chunk{Chunk: &pb.Chunk{Phase: phase, Content: text}}}
+func chunk(phase pb.Phase, round int32, text string) *pb.StageEvent {
+	return &pb.StageEvent{Event: &pb.StageEvent_Chunk{Chunk: &pb.Chunk{Phase: phase, Content: text, Round: round}}}
 }
 
-func summary() *pb.StageEvent {
-	return &pb.StageEvent{Event: &pb.StageEvent_ToolSummary{ToolSummary: &pb.ToolSummary{}}}
+// tool and syn are chunks of the tool phase and of the synthesis phase.
+func tool(round int32, text string) *pb.StageEvent { return chunk(pb.Phase_PHASE_TOOL, round, text) }
+func syn(round int32, text string) *pb.StageEvent {
+	return chunk(pb.Phase_PHASE_SYNTHESIS, round, text)
+}
+
+func summary(round int32) *pb.StageEvent {
+	return &pb.StageEvent{Event: &pb.StageEvent_ToolSummary{ToolSummary: &pb.ToolSummary{Round: round}}}
 }
 
 func done() *pb.StageEvent {
@@ -92,7 +99,7 @@ func unavailable(t *testing.T) (*pb.StageError, error) {
 }
 
 func TestStreamFinished(t *testing.T) {
-	s := script(true, numbered(chunk(pb.Phase_PHASE_TOOL, "a"), summary(), chunk(pb.Phase_PHASE_SYNTHESIS, "b"), done()), nil)
+	s := script(true, numbered(tool(1, "a"), summary(1), syn(2, "b"), done()), nil)
 	d, err := s.Wait()
 	if err != nil || d.GetText() != "ok" {
 		t.Fatalf("Wait() = %v, %v; want Done, nil", d, err)
@@ -102,6 +109,58 @@ func TestStreamFinished(t *testing.T) {
 	}
 	if _, err := s.Recv(); !errors.Is(err, io.EOF) {
 		t.Fatalf("Recv after the end = %v, want io.EOF", err)
+	}
+}
+
+// Three tool rounds, then the synthesis phase as round 4.
+func TestStreamRounds(t *testing.T) {
+	evs := numbered(tool(1, "a"), tool(1, "b"), summary(1), tool(2, "c"), summary(2), summary(3),
+		syn(4, "d"), syn(4, "e"), done())
+	s := script(true, evs, nil)
+	for i := range evs {
+		ev, err := s.Recv()
+		if err != nil || ev != evs[i] {
+			t.Fatalf("event %d: %v, %v", i, ev, err)
+		}
+		if want := []int{0, 0, 1, 1, 2, 3, 3, 3, 3}[i]; s.Rounds() != want {
+			t.Fatalf("after event %d: Rounds() = %d, want %d", i, s.Rounds(), want)
+		}
+	}
+	if _, err := s.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("end: %v, want io.EOF", err)
+	}
+}
+
+// Tools-only streams have rounds too, and no synthesis chunks.
+func TestStreamToolRounds(t *testing.T) {
+	s := script(false, numbered(tool(1, "a"), summary(1), tool(2, "b"), summary(2), tool(3, "c"), summary(3), done()), nil)
+	if d, err := s.Wait(); err != nil || d == nil || s.Rounds() != 3 {
+		t.Fatalf("Wait() = %v, %v; Rounds() = %d", d, err, s.Rounds())
+	}
+}
+
+// A stage that fails in its second round ends with the StageError, no Done.
+func TestStreamRoundFails(t *testing.T) {
+	se, final := unavailable(t)
+	s := script(true, numbered(tool(1, "a"), summary(1), tool(2, "b"), stageErr(se)), final)
+	n, err := drain(s)
+	var e *Error
+	if n != 4 || !errors.As(err, &e) || e.Code != codes.Unavailable || s.Rounds() != 1 {
+		t.Fatalf("n %d err %v", n, err)
+	}
+}
+
+// A server from before tool rounds numbers nothing: round 0 on every event.
+func TestStreamWithoutRoundNumbers(t *testing.T) {
+	for _, synthesis := range []bool{true, false} {
+		evs := []*pb.StageEvent{tool(0, "a"), summary(0)}
+		if synthesis {
+			evs = append(evs, syn(0, "b"))
+		}
+		s := script(synthesis, numbered(append(evs, done())...), nil)
+		if d, err := s.Wait(); err != nil || d == nil || s.Rounds() != 1 {
+			t.Fatalf("synthesis %v: Wait() = %v, %v; Rounds() = %d", synthesis, d, err, s.Rounds())
+		}
 	}
 }
 
@@ -126,7 +185,7 @@ func TestStreamStageError(t *testing.T) {
 
 func TestStreamCancel(t *testing.T) {
 	for _, c := range []codes.Code{codes.Canceled, codes.DeadlineExceeded} {
-		_, err := drain(script(true, numbered(chunk(pb.Phase_PHASE_TOOL, "x"), cancelEv(pb.CancelReason_CANCEL_REASON_CANCEL_STAGE)), status.Error(c, "cancelled")))
+		_, err := drain(script(true, numbered(tool(1, "x"), cancelEv(pb.CancelReason_CANCEL_REASON_CANCEL_STAGE)), status.Error(c, "cancelled")))
 		var e *Error
 		if !errors.As(err, &e) || e.Code != c || e.Cancel.GetReason() != pb.CancelReason_CANCEL_REASON_CANCEL_STAGE {
 			t.Fatalf("%v: err = %v", c, err)
@@ -135,7 +194,7 @@ func TestStreamCancel(t *testing.T) {
 }
 
 func TestStreamStatusWithoutTerminal(t *testing.T) {
-	n, err := drain(script(true, numbered(chunk(pb.Phase_PHASE_TOOL, "x")), status.Error(codes.DeadlineExceeded, "deadline")))
+	n, err := drain(script(true, numbered(tool(1, "x")), status.Error(codes.DeadlineExceeded, "deadline")))
 	var e *Error
 	if n != 1 || !errors.As(err, &e) || e.Code != codes.DeadlineExceeded {
 		t.Fatalf("n %d err %v", n, err)
@@ -146,9 +205,9 @@ func TestStreamViolations(t *testing.T) {
 	se, final := unavailable(t)
 	other := proto.Clone(se).(*pb.StageError)
 	other.RetryDelay = durationpb.New(2 * time.Second)
-	gap := numbered(chunk(pb.Phase_PHASE_TOOL, "a"), summary(), done())
+	gap := numbered(tool(1, "a"), summary(1), done())
 	gap[2].Sequence = 3
-	changed := numbered(chunk(pb.Phase_PHASE_TOOL, "a"), summary(), done())
+	changed := numbered(tool(1, "a"), summary(1), done())
 	changed[1].StageId = "t"
 	empty := numbered(stageErr(se))
 	empty[0].StageId = ""
@@ -161,19 +220,34 @@ func TestStreamViolations(t *testing.T) {
 		"gap":                 {true, gap, nil, "sequence 3 where 2 was due"},
 		"stage_id changes":    {true, changed, nil, `stage_id "t"`},
 		"empty stage_id":      {true, empty, final, "empty stage_id"},
-		"no terminal":         {true, numbered(chunk(pb.Phase_PHASE_TOOL, "a"), summary()), nil, "without a terminal event"},
-		"two terminals":       {true, numbered(summary(), done(), done()), nil, "after the terminal event"},
-		"done then error":     {true, numbered(summary(), done()), final, "after a Done event"},
+		"no terminal":         {true, numbered(tool(1, "a"), summary(1)), nil, "without a terminal event"},
+		"two terminals":       {true, numbered(summary(1), done(), done()), nil, "after the terminal event"},
+		"done then error":     {true, numbered(summary(1), done()), final, "after a Done event"},
 		"cancel then OK":      {true, numbered(cancelEv(pb.CancelReason_CANCEL_REASON_CANCEL_STAGE)), nil, "status OK after a Cancel"},
 		"cancel then other":   {true, numbered(cancelEv(pb.CancelReason_CANCEL_REASON_CANCEL_STAGE)), final, "UNAVAILABLE after a Cancel"},
 		"error then OK":       {true, numbered(stageErr(se)), nil, "status OK after a StageError"},
 		"error code differs":  {true, numbered(stageErr(se)), status.Error(codes.Internal, "backend down"), "code UNAVAILABLE vs INTERNAL"},
 		"retry delay differs": {true, numbered(stageErr(other)), final, "retry_delay 2s vs RetryInfo 3s"},
-		"second summary":      {true, numbered(summary(), summary(), done()), nil, "second ToolSummary"},
-		"synthesis in tools":  {false, numbered(summary(), chunk(pb.Phase_PHASE_SYNTHESIS, "b"), done()), nil, "tools-only"},
-		"tool after summary":  {true, numbered(summary(), chunk(pb.Phase_PHASE_TOOL, "b"), done()), nil, "after the ToolSummary"},
-		"done, no summary":    {true, numbered(chunk(pb.Phase_PHASE_TOOL, "a"), done()), nil, "without a ToolSummary"},
+		"synthesis in tools":  {false, numbered(summary(1), syn(2, "b"), done()), nil, "tools-only"},
+		"synthesis first":     {true, numbered(syn(1, "b"), summary(1), done()), nil, "synthesis chunk before the ToolSummary"},
+		"done, no summary":    {true, numbered(tool(1, "a"), done()), nil, "without a ToolSummary"},
 		"unset event":         {true, numbered(&pb.StageEvent{}), nil, "none of its oneof"},
+		// Tool rounds.
+		"summary repeated":        {true, numbered(summary(1), summary(1), done()), nil, "ToolSummary of round 1 where round 2 was due"},
+		"summary round skipped":   {true, numbered(tool(1, "a"), summary(1), tool(2, "b"), summary(3), done()), nil, "ToolSummary of round 3 where round 2 was due"},
+		"first summary round 2":   {true, numbered(summary(2), done()), nil, "ToolSummary of round 2 where round 1 was due"},
+		"tool chunk, old round":   {true, numbered(summary(1), tool(1, "b"), summary(2), done()), nil, "tool phase chunk of round 1 where round 2 was due"},
+		"tool chunk, next round":  {true, numbered(tool(1, "a"), tool(2, "b"), summary(1), done()), nil, "tool phase chunk of round 2 where round 1 was due"},
+		"tool chunk, round 0":     {true, numbered(tool(1, "a"), summary(1), tool(0, "b"), summary(2), done()), nil, "tool phase chunk of round 0 where round 2 was due"},
+		"tool after synthesis":    {true, numbered(summary(1), syn(2, "b"), tool(2, "c"), summary(2), done()), nil, "tool phase chunk after the synthesis phase started"},
+		"summary after synthesis": {true, numbered(summary(1), syn(2, "b"), summary(2), done()), nil, "ToolSummary after the synthesis phase started"},
+		"synthesis round":         {true, numbered(summary(1), summary(2), syn(2, "b"), done()), nil, "synthesis chunk of round 2 where round 3 was due"},
+		"synthesis round 0":       {true, numbered(tool(1, "a"), summary(1), syn(0, "b"), done()), nil, "synthesis chunk of round 0 where round 2 was due"},
+		// A server without round numbers (round 0 throughout): the one-round rules.
+		"old: numbered later":   {true, numbered(tool(0, "a"), summary(1), done()), nil, "ToolSummary of round 1 in a stream whose earlier events had round 0"},
+		"old: synthesis round":  {true, numbered(summary(0), syn(1, "b"), done()), nil, "synthesis chunk of round 1 in a stream whose earlier"},
+		"old: second summary":   {true, numbered(summary(0), summary(0), done()), nil, "second ToolSummary"},
+		"old: tool after summ.": {true, numbered(summary(0), tool(0, "b"), done()), nil, "tool phase chunk after the ToolSummary"},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -224,7 +298,29 @@ func TestToolCalls(t *testing.T) {
 	calls.Add(&pb.Chunk{ToolCalls: []*pb.ToolCallDelta{{Index: 1, Id: "b", Name: "y"}, {Index: 0, Id: "a", Name: "x", ArgumentsFragment: `{"e":`}}})
 	calls.Add(&pb.Chunk{ToolCalls: []*pb.ToolCallDelta{{Index: 0, ArgumentsFragment: `1}`}}})
 	got := calls.List()
-	if len(got) != 2 || got[0] != (ToolCall{0, "a", "x", `{"e":1}`}) || got[1] != (ToolCall{1, "b", "y", ""}) {
+	if len(got) != 2 || got[0] != (ToolCall{0, "a", "x", `{"e":1}`, 0}) || got[1] != (ToolCall{1, "b", "y", "", 0}) {
 		t.Fatalf("List() = %+v", got)
+	}
+}
+
+// Indexes start at 0 in every round: the calls of two rounds stay apart.
+func TestToolCallsRounds(t *testing.T) {
+	var calls ToolCalls
+	calls.Add(&pb.Chunk{Round: 2, ToolCalls: []*pb.ToolCallDelta{{Index: 0, Id: "r2", Name: "calculator", ArgumentsFragment: `{"expression": "2*3"}`}}})
+	calls.Add(&pb.Chunk{Round: 1, ToolCalls: []*pb.ToolCallDelta{{Index: 0, Id: "r1", Name: "calculator", ArgumentsFragment: `{"expression":`}}})
+	calls.Add(&pb.Chunk{Round: 1, ToolCalls: []*pb.ToolCallDelta{{Index: 0, ArgumentsFragment: ` "1+1"}`}}})
+	got := calls.List()
+	want := []ToolCall{
+		{Index: 0, ID: "r1", Name: "calculator", Arguments: `{"expression": "1+1"}`, Round: 1},
+		{Index: 0, ID: "r2", Name: "calculator", Arguments: `{"expression": "2*3"}`, Round: 2},
+	}
+	if !slices.Equal(got, want) {
+		t.Fatalf("List() = %+v, want %+v", got, want)
+	}
+	if r := calls.Round(2); !slices.Equal(r, want[1:]) {
+		t.Fatalf("Round(2) = %+v", r)
+	}
+	if r := calls.Round(3); len(r) != 0 {
+		t.Fatalf("Round(3) = %+v", r)
 	}
 }

@@ -31,6 +31,7 @@ export {
   ToolCallAssembler,
   stageErrorMismatch,
   type AssembledToolCall,
+  type RoundResult,
   type StageEventMessage,
   type StageKind,
   type StageResult,

@@ -16,8 +16,9 @@ import { codeName, decodeDetails, phaseName, ToolchainError } from "./errors.js"
 
 /**
  * The server broke a stream invariant: a gap in `sequence`, an empty or changing
- * `stage_id`, no terminal event or an event after it, or a terminal event that disagrees
- * with the call's final status. The call is cancelled when this is thrown.
+ * `stage_id`, tool rounds out of order, no terminal event or an event after it, or a
+ * terminal event that disagrees with the call's final status. The call is cancelled when
+ * this is thrown.
  */
 export class StreamInvariantError extends Error {
   /** The stage's id, when an event had carried one. */
@@ -42,6 +43,9 @@ export type StageKind = "tools" | "synthesis";
 
 /** One tool call assembled from its ToolCallDelta fragments. */
 export interface AssembledToolCall {
+  /** The tool round of its chunks, from 1 (0 from a server without round numbers). */
+  round: number;
+  /** Its position in the round's answer; indexes start at 0 in every round. */
   index: number;
   id: string;
   name: string;
@@ -49,17 +53,23 @@ export interface AssembledToolCall {
   arguments: string;
 }
 
-/** Assembles the streamed tool calls of the tool phase from the chunks' deltas. */
+/** Assembles the streamed tool calls of the tool phase, every round's, from the chunks' deltas. */
 export class ToolCallAssembler {
-  readonly #calls = new Map<number, AssembledToolCall>();
+  /** By round, then by index. */
+  readonly #calls = new Map<number, Map<number, AssembledToolCall>>();
 
   /** Add the deltas of one chunk. */
   add(chunk: Chunk): void {
     for (const delta of chunk.toolCalls) {
-      let call = this.#calls.get(delta.index);
+      let round = this.#calls.get(chunk.round);
+      if (round === undefined) {
+        round = new Map();
+        this.#calls.set(chunk.round, round);
+      }
+      let call = round.get(delta.index);
       if (call === undefined) {
-        call = { index: delta.index, id: "", name: "", arguments: "" };
-        this.#calls.set(delta.index, call);
+        call = { round: chunk.round, index: delta.index, id: "", name: "", arguments: "" };
+        round.set(delta.index, call);
       }
       if (delta.id) call.id = delta.id;
       if (delta.name) call.name = delta.name;
@@ -67,10 +77,26 @@ export class ToolCallAssembler {
     }
   }
 
-  /** The calls so far, by index. */
-  calls(): AssembledToolCall[] {
-    return [...this.#calls.values()].sort((a, b) => a.index - b.index).map((c) => ({ ...c }));
+  /** The calls so far, by round, then by index; of one round only when `round` is given. */
+  calls(round?: number): AssembledToolCall[] {
+    return [...this.#calls.values()]
+      .flatMap((calls) => [...calls.values()])
+      .filter((c) => round === undefined || c.round === round)
+      .sort((a, b) => a.round - b.round || a.index - b.index)
+      .map((c) => ({ ...c }));
   }
+}
+
+/** One tool round of a finished stream (StageResult.rounds). */
+export interface RoundResult {
+  /** The round's number, from 1 (0 from a server without round numbers). */
+  round: number;
+  /** Its ToolSummary. */
+  toolSummary: ToolSummary;
+  /** The tool calls assembled from its chunks' deltas. */
+  toolCalls: AssembledToolCall[];
+  /** Its tool phase text (the chunks' content). */
+  toolText: string;
 }
 
 /** Everything a finished stream said (StageStream.collect). */
@@ -78,11 +104,13 @@ export interface StageResult {
   stageId: string;
   /** Every event, the Done event last. */
   events: StageEvent[];
-  /** The ToolSummary (absent only if the server broke the contract, which collect rejects). */
+  /** Every tool round, in order (one unless StageRequest.max_rounds allows more). */
+  rounds: RoundResult[];
+  /** The last round's ToolSummary: the only one unless the stage had several rounds. */
   toolSummary: ToolSummary;
-  /** The tool calls assembled from the tool phase's deltas. */
+  /** The tool calls assembled from the tool phase's deltas, of every round. */
   toolCalls: AssembledToolCall[];
-  /** The tool phase text (the chunks' content). */
+  /** The tool phase text (the chunks' content), of every round. */
   toolText: string;
   /** The synthesis phase text (the chunks' content). */
   synthesisText: string;
@@ -156,6 +184,14 @@ export function stageErrorMismatch(event: StageError, status: ToolchainError): s
  * server refused the call) throws the ToolchainError of its status. A broken invariant
  * throws StreamInvariantError and cancels the call; so does leaving the loop early
  * (`break`), or `cancel()`.
+ *
+ * Tool rounds (StageRequest.max_rounds): for each round r = 1, 2, 3, ... tool phase chunks
+ * with `round` r, then one ToolSummary with `round` r; then, in StreamSynthesis only,
+ * synthesis chunks with `round` k + 1 after the last round k; no tool chunk or ToolSummary
+ * once a synthesis chunk arrived; Done only after at least one ToolSummary. A server from
+ * before tool rounds sends `round` 0 on every event: when the first chunk or ToolSummary
+ * has round 0, the stream must keep to round 0 and to at most one ToolSummary (that older
+ * contract), and mixing 0 with numbered rounds is a violation.
  */
 export class StageStream implements AsyncIterable<StageEvent> {
   readonly kind: StageKind;
@@ -163,6 +199,7 @@ export class StageStream implements AsyncIterable<StageEvent> {
   readonly #userSignal: AbortSignal | undefined;
   #source: AsyncIterable<StageEventMessage> | undefined;
   #stageId: string | undefined;
+  #rounds = 0;
 
   /**
    * @param open starts the call with the given signal (the helper's own, which also follows
@@ -181,6 +218,11 @@ export class StageStream implements AsyncIterable<StageEvent> {
     return this.#stageId;
   }
 
+  /** The ToolSummary events read so far: the tool rounds that have ended. */
+  get rounds(): number {
+    return this.#rounds;
+  }
+
   /** Cancel the call (the server closes the stage's backend request). */
   cancel(reason?: unknown): void {
     this.#controller.abort(reason);
@@ -197,7 +239,8 @@ export class StageStream implements AsyncIterable<StageEvent> {
   async collect(): Promise<StageResult> {
     const events: StageEvent[] = [];
     const assembler = new ToolCallAssembler();
-    let toolSummary: ToolSummary | undefined;
+    const rounds: RoundResult[] = [];
+    let roundText = "";
     let toolText = "";
     let synthesisText = "";
     let done: Done | undefined;
@@ -209,25 +252,32 @@ export class StageStream implements AsyncIterable<StageEvent> {
           if (chunk.phase === Phase.SYNTHESIS) {
             synthesisText += chunk.content;
           } else {
+            roundText += chunk.content;
             toolText += chunk.content;
             assembler.add(chunk);
           }
           break;
         }
-        case "toolSummary":
-          toolSummary = event.event.value;
+        case "toolSummary": {
+          const toolSummary = event.event.value;
+          const round = toolSummary.round;
+          rounds.push({ round, toolSummary, toolCalls: assembler.calls(round), toolText: roundText });
+          roundText = "";
           break;
+        }
         case "done":
           done = event.event.value;
           break;
       }
     }
     // #read guarantees both (it yields Done only after a ToolSummary and an OK status).
-    if (done === undefined || toolSummary === undefined) throw new StreamInvariantError("no Done event", this.#stageId);
+    const last = rounds.at(-1);
+    if (done === undefined || last === undefined) throw new StreamInvariantError("no Done event", this.#stageId);
     return {
       stageId: this.#stageId ?? "",
       events,
-      toolSummary,
+      rounds,
+      toolSummary: last.toolSummary,
       toolCalls: assembler.calls(),
       toolText,
       synthesisText,
@@ -238,12 +288,26 @@ export class StageStream implements AsyncIterable<StageEvent> {
   async *#read(source: AsyncIterable<StageEventMessage>): AsyncGenerator<StageEvent, void, undefined> {
     const iterator = source[Symbol.asyncIterator]();
     let expected = 0;
-    let summarySeen = false;
+    // How the stream numbers its rounds; its first chunk or ToolSummary decides (in
+    // checkRound, which is why the initial value is widened: no narrowing to "unknown").
+    let numbering = "unknown" as "unknown" | "numbered" | "none";
+    let synthesisStarted = false;
     let terminal: StageEvent | undefined;
     let failure: ToolchainError | undefined;
     const violation = (message: string, status?: ToolchainError): StreamInvariantError => {
       this.#controller.abort(new Error(`stream invariant: ${message}`));
       return new StreamInvariantError(message, this.#stageId, status);
+    };
+    // Tool events carry the round in progress (summaries so far + 1), synthesis chunks the
+    // last round + 1: both are rounds + 1. Round 0 throughout: a server without rounds.
+    const checkRound = (what: string, round: number): void => {
+      if (numbering === "unknown") numbering = round === 0 ? "none" : "numbered";
+      if (numbering === "none") {
+        if (round !== 0) throw violation(`${what} has round ${round} in a stream whose earlier events had round 0`);
+        return;
+      }
+      const due = this.#rounds + 1;
+      if (round !== due) throw violation(`${what} has round ${round} where round ${due} was due`);
     };
     try {
       for (;;) {
@@ -273,22 +337,34 @@ export class StageStream implements AsyncIterable<StageEvent> {
         }
         switch (event.event.case) {
           case "chunk": {
-            const phase = event.event.value.phase;
-            if (phase === Phase.TOOL && summarySeen) {
-              throw violation(`tool phase chunk ${event.sequence} after the ToolSummary`);
-            }
-            if (phase === Phase.SYNTHESIS && (this.kind === "tools" || !summarySeen)) {
-              throw violation(
-                this.kind === "tools"
-                  ? `synthesis chunk ${event.sequence} in a StreamTools stream`
-                  : `synthesis chunk ${event.sequence} before the ToolSummary`,
-              );
+            const { phase, round } = event.event.value;
+            if (phase === Phase.TOOL) {
+              if (synthesisStarted) {
+                throw violation(`tool phase chunk ${event.sequence} after the synthesis phase started`);
+              }
+              if (numbering === "none" && this.#rounds > 0) {
+                throw violation(`tool phase chunk ${event.sequence} after the ToolSummary`);
+              }
+              checkRound(`tool phase chunk ${event.sequence}`, round);
+            } else if (phase === Phase.SYNTHESIS) {
+              if (this.kind === "tools") throw violation(`synthesis chunk ${event.sequence} in a StreamTools stream`);
+              if (this.#rounds === 0) throw violation(`synthesis chunk ${event.sequence} before the ToolSummary`);
+              checkRound(`synthesis chunk ${event.sequence}`, round);
+              synthesisStarted = true;
+            } else {
+              throw violation(`chunk ${event.sequence} has phase ${phaseName(phase)}`);
             }
             break;
           }
           case "toolSummary":
-            if (summarySeen) throw violation(`a second ToolSummary (event ${event.sequence})`);
-            summarySeen = true;
+            if (synthesisStarted) {
+              throw violation(`ToolSummary ${event.sequence} after the synthesis phase started`);
+            }
+            if (numbering === "none" && this.#rounds > 0) {
+              throw violation(`a second ToolSummary (event ${event.sequence}) in a stream without round numbers`);
+            }
+            checkRound(`ToolSummary ${event.sequence}`, event.event.value.round);
+            this.#rounds++;
             break;
           case "done":
           case "cancel":
@@ -345,7 +421,7 @@ export class StageStream implements AsyncIterable<StageEvent> {
     if (terminal.event.case !== "done") {
       throw violation(`${terminal.event.case === "cancel" ? "Cancel" : "StageError"} event but the call ended with OK`);
     }
-    if (!summarySeen) throw violation("Done without a ToolSummary");
+    if (this.#rounds === 0) throw violation("Done without a ToolSummary");
     yield terminal;
   }
 }

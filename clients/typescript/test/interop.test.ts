@@ -16,11 +16,16 @@ import {
   StreamInvariantError,
   ToolchainClient,
   ToolchainError,
+  ToolChoiceMode,
   ToolOutcome,
   durationMs,
   errorReasonOf,
+  type PhaseStats,
   type StageInit,
+  type StageResult,
   type StageStream,
+  type ToolCallResult,
+  type Usage,
   type ToolchainClientOptions,
 } from "../src/index.js";
 
@@ -389,6 +394,203 @@ describe("mTLS", () => {
     const c = client({ address: env("TOOLCHAIN_TLS_ADDR"), tls: { caFile: env("TOOLCHAIN_TLS_CA") } });
     await failure(c.listTools());
   });
+});
+
+// --- tool rounds: the [rounds3] scenario ------------------------------------------------------
+
+describe("tool rounds [rounds3]", () => {
+  const PROMPT = "What is 6*7 in three steps? [rounds3]";
+  const ANSWER = "After three rounds: 42.";
+  /** The one calculator call of each round: id, expression, result. */
+  const CALLS = [
+    { id: "call_r1", expression: "1+1", result: 2 },
+    { id: "call_r2", expression: "2*3", result: 6 },
+    { id: "call_r3", expression: "6*7", result: 42 },
+  ];
+  const rounds = (maxRounds: number): StageInit => ({ userPrompt: PROMPT, maxRounds });
+
+  /** The results of rounds 1..n, one OK calculator call each. */
+  function checkResults(results: readonly ToolCallResult[], n: number): void {
+    assert.equal(results.length, n, `one result per round: ${results.length}`);
+    results.forEach((r, i) => checkResult(r, i + 1));
+  }
+
+  /** The one call of round `round`. */
+  function checkResult(r: ToolCallResult, round: number): void {
+    const want = CALLS[round - 1]!;
+    assert.equal(r.round, round, `the result of round ${round}: round`);
+    assert.equal(r.toolName, "calculator");
+    assert.equal(r.callId, want.id);
+    assert.equal(r.outcome, ToolOutcome.OK);
+    assert.equal(r.error, "");
+    assert.equal(r.truncated, false);
+    assert.deepEqual(JSON.parse(r.arguments), { expression: want.expression });
+    assert.ok(r.result !== undefined);
+    const value = toJson(ValueSchema, r.result) as { result?: unknown };
+    assert.equal(value.result, want.result, `round ${round}: ${JSON.stringify(value)}`);
+  }
+
+  type Tokens = Pick<Usage, "promptTokens" | "completionTokens" | "totalTokens">;
+  const sum = (a: Tokens | undefined, b: Tokens | undefined): Tokens => ({
+    promptTokens: (a?.promptTokens ?? 0) + (b?.promptTokens ?? 0),
+    completionTokens: (a?.completionTokens ?? 0) + (b?.completionTokens ?? 0),
+    totalTokens: (a?.totalTokens ?? 0) + (b?.totalTokens ?? 0),
+  });
+  const plainUsage = (u: Usage | undefined) => u && { promptTokens: u.promptTokens, completionTokens: u.completionTokens, totalTokens: u.totalTokens };
+
+  /**
+   * Per-round statistics (rounds 1..n, each with usage), the whole tool phase (round 0,
+   * usage summed, the last round's finish reason) and total_usage (every model call).
+   */
+  function checkStats(stats: { toolRounds: PhaseStats[]; toolPhase?: PhaseStats | undefined; synthesisPhase?: PhaseStats | undefined; totalUsage?: Usage | undefined }, n: number): void {
+    assert.deepEqual(
+      stats.toolRounds.map((s) => s.round),
+      Array.from({ length: n }, (_, i) => i + 1),
+      "tool_rounds are rounds 1..n",
+    );
+    let tools = sum(undefined, undefined);
+    for (const s of stats.toolRounds) {
+      assert.ok(s.usage && s.usage.totalTokens > 0 && s.usage.totalTokens === s.usage.promptTokens + s.usage.completionTokens, `round ${s.round} usage`);
+      tools = sum(tools, s.usage);
+    }
+    const phase = stats.toolPhase;
+    assert.ok(phase !== undefined, "tool_phase");
+    // A whole phase is round 0; a phase of one round may carry 1.
+    assert.ok(phase.round === 0 || (n === 1 && phase.round === 1), `tool_phase.round ${phase.round}`);
+    assert.equal(phase.finishReason, stats.toolRounds.at(-1)?.finishReason, "tool_phase: the last round's finish reason");
+    assert.deepEqual(plainUsage(phase.usage), tools, "tool_phase usage: the rounds' summed");
+    const total = stats.synthesisPhase ? sum(tools, stats.synthesisPhase.usage) : tools;
+    assert.deepEqual(plainUsage(stats.totalUsage), total, "total_usage: every model call's summed");
+  }
+
+  /** The stream's layout: each round's chunks before its summary, synthesis chunks last. */
+  function checkLayout(result: StageResult, n: number, synthesisRound?: number): void {
+    let round = 1;
+    for (const e of result.events) {
+      if (e.event.case === "chunk") {
+        const c = e.event.value;
+        if (c.phase === Phase.TOOL) assert.equal(c.round, round, `tool chunk ${e.sequence}`);
+        else assert.equal(c.round, synthesisRound, `synthesis chunk ${e.sequence}`);
+      } else if (e.event.case === "toolSummary") {
+        assert.equal(e.event.value.round, round++, `summary ${e.sequence}`);
+      }
+    }
+    assert.equal(round - 1, n, "summaries");
+    assert.deepEqual(
+      result.rounds.map((r) => r.round),
+      Array.from({ length: n }, (_, i) => i + 1),
+    );
+  }
+
+  /** The calls assembled from the chunks of rounds 1..n: one per round, index 0 each. */
+  function checkAssembled(result: StageResult, n: number): void {
+    assert.deepEqual(
+      result.toolCalls.map((c) => [c.round, c.index, c.id, c.name, JSON.parse(c.arguments)]),
+      CALLS.slice(0, n).map((c, i) => [i + 1, 0, c.id, "calculator", { expression: c.expression }]),
+    );
+  }
+
+  it("StreamSynthesis, max_rounds 3: three summaries, synthesis as round 4, rounds exhausted", TEST, async () => {
+    const stream = plain().streamSynthesis(rounds(3));
+    const result = await stream.collect();
+    assert.equal(stream.rounds, 3);
+    checkLayout(result, 3, 4);
+    for (const r of result.rounds) {
+      assert.equal(r.toolSummary.results.length, 1, `round ${r.round}: one result`);
+      checkResult(r.toolSummary.results[0]!, r.round);
+    }
+    checkResults(result.rounds.flatMap((r) => r.toolSummary.results), 3);
+    checkAssembled(result, 3);
+    assert.equal(result.synthesisText, ANSWER);
+    assert.equal(result.done.text, ANSWER);
+    assert.equal(result.done.roundsExhausted, true);
+    assert.ok(result.done.synthesisPhase !== undefined);
+    checkStats(result.done, 3);
+  });
+
+  it("RunSynthesis, max_rounds 3: the results of rounds 1..3, the answer, rounds exhausted", TEST, async () => {
+    const response = await plain().runSynthesis(rounds(3));
+    checkResults(response.toolResults, 3);
+    assert.equal(response.text, ANSWER);
+    assert.equal(response.roundsExhausted, true);
+    assert.ok(response.synthesisPhase !== undefined);
+    checkStats(response, 3);
+  });
+
+  it("StreamTools, max_rounds 3: three summaries, no text, rounds exhausted", TEST, async () => {
+    const result = await plain().streamTools(rounds(3)).collect();
+    checkLayout(result, 3);
+    checkResults(result.rounds.flatMap((r) => r.toolSummary.results), 3);
+    checkAssembled(result, 3);
+    assert.equal(result.synthesisText, "");
+    assert.equal(result.done.text, "");
+    assert.equal(result.done.roundsExhausted, true);
+    assert.equal(result.done.synthesisPhase, undefined);
+    checkStats(result.done, 3);
+  });
+
+  it("StreamTools, max_rounds 4: the fourth round answers in text, its summary empty, not exhausted", TEST, async () => {
+    const result = await plain().streamTools(rounds(4)).collect();
+    checkLayout(result, 4);
+    checkResults(result.rounds.slice(0, 3).flatMap((r) => r.toolSummary.results), 3);
+    assert.deepEqual(result.rounds[3]?.toolSummary.results, []);
+    assert.equal(result.rounds[3]?.toolText, ANSWER);
+    checkAssembled(result, 3);
+    assert.ok(result.events.every((e) => e.event.case !== "chunk" || e.event.value.phase === Phase.TOOL), "no synthesis chunks");
+    assert.equal(result.done.text, ANSWER);
+    assert.equal(result.done.roundsExhausted, false);
+    assert.equal(result.done.synthesisPhase, undefined);
+    checkStats(result.done, 4);
+  });
+
+  it("RunTools, max_rounds 4: three results, the fourth round's text, not exhausted", TEST, async () => {
+    const response = await plain().runTools(rounds(4));
+    checkResults(response.toolResults, 3);
+    assert.equal(response.text, ANSWER);
+    assert.equal(response.roundsExhausted, false);
+    checkStats(response, 4);
+  });
+
+  it("max_rounds unset: exactly one round, then the synthesis phase as round 2", TEST, async () => {
+    const result = await plain().streamSynthesis({ userPrompt: PROMPT }).collect();
+    checkLayout(result, 1, 2);
+    checkResults(result.toolSummary.results, 1);
+    assert.equal(result.done.text, ANSWER);
+    // The one allowed round made a call: exhausted, by StageRequest.max_rounds' comment.
+    assert.equal(result.done.roundsExhausted, true);
+    checkStats(result.done, 1);
+  });
+
+  it("tool_choice NONE on [calc]: no tools offered, the model answers in text", TEST, async () => {
+    const stage: StageInit = { userPrompt: "What is 6*7? [calc]", toolChoice: { choice: { case: "mode", value: ToolChoiceMode.NONE } } };
+    const result = await plain().streamSynthesis(stage).collect();
+    checkLayout(result, 1);
+    assert.deepEqual(result.toolSummary.results, []);
+    assert.deepEqual(result.toolCalls, []);
+    assert.equal(result.toolText, "The answer is 42.");
+    assert.equal(result.synthesisText, "");
+    assert.equal(result.done.text, "The answer is 42.");
+    assert.equal(result.done.synthesisPhase, undefined);
+    assert.equal(result.done.roundsExhausted, false);
+    const response = await plain().runTools(stage);
+    assert.deepEqual(response.toolResults, []);
+    assert.equal(response.text, "The answer is 42.");
+  });
+
+  for (const maxRounds of [0, 1000]) {
+    it(`max_rounds ${maxRounds} fails INVALID_ARGUMENT on stage.max_rounds, unary and streamed`, TEST, async () => {
+      for (const call of [() => plain().runSynthesis(rounds(maxRounds)), () => plain().streamTools(rounds(maxRounds)).collect()]) {
+        const err = await failure(call());
+        assert.equal(err.code, Code.InvalidArgument);
+        assert.equal(err.errorReason, ErrorReason.INVALID_REQUEST);
+        assert.deepEqual(
+          err.fieldViolations.map((v) => v.field),
+          ["stage.max_rounds"],
+        );
+        assert.notEqual(err.fieldViolations[0]?.description, "");
+      }
+    });
+  }
 });
 
 // --- 10. reasons -------------------------------------------------------------------------------

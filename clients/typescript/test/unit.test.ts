@@ -200,8 +200,15 @@ describe("ToolchainError.from", () => {
 type EventInit = MessageInitShape<typeof StageEventSchema>;
 
 const ID = "stage-1";
-const chunk = (phase: Phase, content = "x"): EventInit["event"] => ({ case: "chunk", value: { phase, content } });
-const summary: EventInit["event"] = { case: "toolSummary", value: { results: [] } };
+/** A chunk; by default of round 1 (tool phase) or 2 (synthesis after one round). */
+const chunk = (phase: Phase, content = "x", round = phase === Phase.SYNTHESIS ? 2 : 1): EventInit["event"] => ({
+  case: "chunk",
+  value: { phase, content, round },
+});
+const tool = (round: number, content = "x") => chunk(Phase.TOOL, content, round);
+const synthesis = (round: number, content = "x") => chunk(Phase.SYNTHESIS, content, round);
+const summaryOf = (round: number): EventInit["event"] => ({ case: "toolSummary", value: { results: [], round } });
+const summary = summaryOf(1);
 const done: EventInit["event"] = { case: "done", value: { text: "The answer is 42." } };
 
 function events(...inits: EventInit["event"][]): EventInit[] {
@@ -247,8 +254,8 @@ describe("StageStream", () => {
   it("yields every event of a good stream, Done last, and collect assembles it", async () => {
     const { stream } = scripted({
       events: [
-        { stageId: ID, sequence: 0, event: { case: "chunk", value: { phase: Phase.TOOL, toolCalls: [{ index: 0, id: "call_calc", name: "calculator", argumentsFragment: '{"expr' }] } } },
-        { stageId: ID, sequence: 1, event: { case: "chunk", value: { phase: Phase.TOOL, toolCalls: [{ index: 0, argumentsFragment: 'ession": "6*7"}' }] } } },
+        { stageId: ID, sequence: 0, event: { case: "chunk", value: { phase: Phase.TOOL, round: 1, toolCalls: [{ index: 0, id: "call_calc", name: "calculator", argumentsFragment: '{"expr' }] } } },
+        { stageId: ID, sequence: 1, event: { case: "chunk", value: { phase: Phase.TOOL, round: 1, toolCalls: [{ index: 0, argumentsFragment: 'ession": "6*7"}' }] } } },
         { stageId: ID, sequence: 2, event: summary },
         { stageId: ID, sequence: 3, event: chunk(Phase.SYNTHESIS, "The answer ") },
         { stageId: ID, sequence: 4, event: chunk(Phase.SYNTHESIS, "is 42.") },
@@ -259,7 +266,9 @@ describe("StageStream", () => {
     assert.equal(result.stageId, ID);
     assert.deepEqual(result.events.map((e) => e.sequence), [0, 1, 2, 3, 4, 5]);
     assert.equal(result.events.at(-1)?.event.case, "done");
-    assert.deepEqual(result.toolCalls, [{ index: 0, id: "call_calc", name: "calculator", arguments: '{"expression": "6*7"}' }]);
+    assert.deepEqual(result.toolCalls, [{ round: 1, index: 0, id: "call_calc", name: "calculator", arguments: '{"expression": "6*7"}' }]);
+    assert.equal(result.rounds.length, 1);
+    assert.equal(result.toolSummary, result.rounds[0]?.toolSummary);
     assert.equal(result.synthesisText, "The answer is 42.");
     assert.equal(result.done.text, "The answer is 42.");
     assert.equal(stream.stageId, ID);
@@ -274,11 +283,26 @@ describe("StageStream", () => {
     ["an event after the terminal one", { events: events(summary, done, chunk(Phase.SYNTHESIS)) }, /after the terminal done/],
     ["two terminal events", { events: events(summary, done, { case: "cancel", value: {} }) }, /after the terminal done/],
     ["an event with nothing set", { events: events(summary, { case: undefined }) }, /no event set/],
-    ["a second ToolSummary", { events: events(summary, summary, done) }, /second ToolSummary/],
-    ["a synthesis chunk before the ToolSummary", { events: events(chunk(Phase.SYNTHESIS), summary, done) }, /before the ToolSummary/],
-    ["a tool chunk after the ToolSummary", { events: events(summary, chunk(Phase.TOOL), done) }, /after the ToolSummary/],
-    ["a synthesis chunk in StreamTools", { events: events(summary, chunk(Phase.SYNTHESIS), done) }, /in a StreamTools stream/, "tools"],
+    ["a synthesis chunk before the ToolSummary", { events: events(synthesis(1), summary, done) }, /synthesis chunk 0 before the ToolSummary/],
+    ["a synthesis chunk in StreamTools", { events: events(summary, synthesis(2), done) }, /in a StreamTools stream/, "tools"],
     ["Done without a ToolSummary", { events: events(chunk(Phase.TOOL), done) }, /without a ToolSummary/],
+    ["a chunk without a phase", { events: events(chunk(Phase.UNSPECIFIED), summary, done) }, /chunk 0 has phase PHASE_UNSPECIFIED/],
+    // Tool rounds.
+    ["a repeated summary round", { events: events(summary, summary, done) }, /ToolSummary 1 has round 1 where round 2 was due/],
+    ["a skipped summary round", { events: events(tool(1), summaryOf(1), tool(2), summaryOf(3), done) }, /ToolSummary 3 has round 3 where round 2 was due/],
+    ["a first summary of round 2", { events: events(summaryOf(2), done) }, /ToolSummary 0 has round 2 where round 1 was due/],
+    ["a tool chunk of the ended round", { events: events(summary, tool(1), summaryOf(2), done) }, /tool phase chunk 1 has round 1 where round 2 was due/],
+    ["a tool chunk of the next round", { events: events(tool(1), tool(2), summaryOf(1), done) }, /tool phase chunk 1 has round 2 where round 1 was due/],
+    ["a tool chunk of round 0 among numbered ones", { events: events(tool(1), summaryOf(1), tool(0), summaryOf(2), done) }, /tool phase chunk 2 has round 0 where round 2 was due/],
+    ["a tool chunk after synthesis started", { events: events(summary, synthesis(2), tool(2), summaryOf(2), done) }, /tool phase chunk 2 after the synthesis phase started/],
+    ["a summary after synthesis started", { events: events(summary, synthesis(2), summaryOf(2), done) }, /ToolSummary 2 after the synthesis phase started/],
+    ["a synthesis chunk of the last tool round", { events: events(summaryOf(1), summaryOf(2), synthesis(2), done) }, /synthesis chunk 2 has round 2 where round 3 was due/],
+    ["a synthesis chunk of round 0 among numbered ones", { events: events(tool(1), summary, synthesis(0), done) }, /synthesis chunk 2 has round 0 where round 2 was due/],
+    // A server without round numbers (round 0 throughout) keeps to the one-round rules.
+    ["round 0, then a numbered summary", { events: events(tool(0), summaryOf(1), done) }, /ToolSummary 1 has round 1 in a stream whose earlier events had round 0/],
+    ["round 0, then a numbered synthesis chunk", { events: events(summaryOf(0), synthesis(1), done) }, /synthesis chunk 1 has round 1 in a stream whose earlier/],
+    ["round 0 and a second ToolSummary", { events: events(summaryOf(0), summaryOf(0), done) }, /second ToolSummary \(event 1\) in a stream without round numbers/],
+    ["round 0 and a tool chunk after the ToolSummary", { events: events(summaryOf(0), tool(0), done) }, /tool phase chunk 1 after the ToolSummary/],
     ["Done and a failed status", { events: events(summary, done), end: unavailable() }, /Done event but the call ended with UNAVAILABLE/],
     ["Cancel and status OK", { events: events({ case: "cancel", value: { reason: CancelReason.CANCEL_STAGE } }) }, /Cancel event but the call ended with OK/],
     ["Cancel and status UNAVAILABLE", { events: events({ case: "cancel", value: {} }), end: unavailable() }, /Cancel event but the call ended with UNAVAILABLE/],
@@ -399,6 +423,87 @@ describe("StageStream", () => {
     );
   });
 
+  it("reads three tool rounds, then the synthesis phase as round 4", async () => {
+    const { stream } = scripted({
+      events: events(
+        { case: "chunk", value: { phase: Phase.TOOL, round: 1, content: "first ", toolCalls: [{ index: 0, id: "r1", name: "calculator", argumentsFragment: "{}" }] } },
+        { case: "toolSummary", value: { round: 1, results: [{ callId: "r1", round: 1 }] } },
+        { case: "chunk", value: { phase: Phase.TOOL, round: 2, toolCalls: [{ index: 0, id: "r2", name: "calculator", argumentsFragment: "{}" }] } },
+        { case: "toolSummary", value: { round: 2, results: [{ callId: "r2", round: 2 }] } },
+        summaryOf(3),
+        synthesis(4, "After three "),
+        synthesis(4, "rounds."),
+        done,
+      ),
+    });
+    const seen: number[] = [];
+    const result = await (async () => {
+      const out = [];
+      for await (const e of stream) {
+        out.push(e);
+        seen.push(stream.rounds);
+      }
+      return out;
+    })();
+    assert.equal(result.length, 8);
+    assert.deepEqual(seen, [0, 1, 1, 2, 3, 3, 3, 3]);
+  });
+
+  it("collect splits the rounds: summaries, calls and text of each", async () => {
+    const { stream } = scripted(
+      {
+        events: events(
+          { case: "chunk", value: { phase: Phase.TOOL, round: 1, content: "one", toolCalls: [{ index: 0, id: "r1", name: "calculator", argumentsFragment: '{"e":1}' }] } },
+          { case: "toolSummary", value: { round: 1, results: [{ callId: "r1", round: 1 }] } },
+          { case: "chunk", value: { phase: Phase.TOOL, round: 2, toolCalls: [{ index: 0, id: "r2", name: "calculator", argumentsFragment: '{"e":2}' }] } },
+          { case: "toolSummary", value: { round: 2, results: [{ callId: "r2", round: 2 }] } },
+          tool(3, "done"),
+          summaryOf(3),
+          done,
+        ),
+      },
+      "tools",
+    );
+    const result = await stream.collect();
+    assert.deepEqual(
+      result.rounds.map((r) => [r.round, r.toolSummary.round, r.toolCalls.map((c) => c.id), r.toolText]),
+      [
+        [1, 1, ["r1"], "one"],
+        [2, 2, ["r2"], ""],
+        [3, 3, [], "done"],
+      ],
+    );
+    assert.equal(result.toolSummary.round, 3);
+    assert.deepEqual(
+      result.toolCalls.map((c) => [c.round, c.index, c.id]),
+      [
+        [1, 0, "r1"],
+        [2, 0, "r2"],
+      ],
+    );
+    assert.equal(result.toolText, "onedone");
+    assert.equal(stream.rounds, 3);
+  });
+
+  it("throws the StageError of a stage that fails in its second round", async () => {
+    const { stream } = scripted({
+      events: events(tool(1), summary, tool(2), { case: "error", value: { code: Code.Unavailable, message: "the backend answered HTTP 503", phase: Phase.TOOL, retryable: true, reason: "BACKEND_UNAVAILABLE", retryDelay: delay3s } }),
+      end: unavailable(),
+    });
+    await assert.rejects(drain(stream), (err: unknown) => err instanceof ToolchainError && err.code === Code.Unavailable);
+    assert.equal(stream.rounds, 1);
+  });
+
+  it("accepts a server without round numbers (round 0 on every event)", async () => {
+    for (const kind of ["tools", "synthesis"] as const) {
+      const script = kind === "tools" ? events(tool(0), summaryOf(0), done) : events(tool(0), summaryOf(0), synthesis(0), done);
+      const { stream } = scripted({ events: script }, kind);
+      const result = await stream.collect();
+      assert.equal(result.rounds.length, 1);
+      assert.equal(result.rounds[0]?.round, 0);
+    }
+  });
+
   it("can be read once", () => {
     const { stream } = scripted({ events: [] });
     stream[Symbol.asyncIterator]();
@@ -414,8 +519,22 @@ describe("ToolCallAssembler", () => {
     assembler.add(c([{ index: 1, id: "b", name: "get_weather", argumentsFragment: '{"city":' }]));
     assembler.add(c([{ index: 0, id: "a", name: "calculator", argumentsFragment: "{}" }, { index: 1, argumentsFragment: '"Oslo"}' }]));
     assert.deepEqual(assembler.calls(), [
-      { index: 0, id: "a", name: "calculator", arguments: "{}" },
-      { index: 1, id: "b", name: "get_weather", arguments: '{"city":"Oslo"}' },
+      { round: 0, index: 0, id: "a", name: "calculator", arguments: "{}" },
+      { round: 0, index: 1, id: "b", name: "get_weather", arguments: '{"city":"Oslo"}' },
     ]);
+  });
+
+  it("keeps the calls of each round apart (indexes restart at 0 in every round)", () => {
+    const assembler = new ToolCallAssembler();
+    const c = (round: number, toolCalls: { index: number; id?: string; name?: string; argumentsFragment?: string }[]) =>
+      create(StageEventSchema, { event: { case: "chunk", value: { round, toolCalls } } }).event.value as Parameters<ToolCallAssembler["add"]>[0];
+    assembler.add(c(2, [{ index: 0, id: "r2", name: "calculator", argumentsFragment: '{"expression": "2*3"}' }]));
+    assembler.add(c(1, [{ index: 0, id: "r1", name: "calculator", argumentsFragment: '{"expression":' }]));
+    assembler.add(c(1, [{ index: 0, argumentsFragment: ' "1+1"}' }]));
+    const r1 = { round: 1, index: 0, id: "r1", name: "calculator", arguments: '{"expression": "1+1"}' };
+    const r2 = { round: 2, index: 0, id: "r2", name: "calculator", arguments: '{"expression": "2*3"}' };
+    assert.deepEqual(assembler.calls(), [r1, r2]);
+    assert.deepEqual(assembler.calls(2), [r2]);
+    assert.deepEqual(assembler.calls(3), []);
   });
 });

@@ -6,9 +6,12 @@ outcome in the summary and are never executed. Valid calls run concurrently, eac
 its timeout; a failing, hanging or misbehaving tool does not stop the others.
 
 A result must be JSON: it is normalised through JSON (tuples become lists, keys strings)
-and must encode as UTF-8 within `max_result_bytes`, so whatever a tool returns, the
-response that carries it can be built. A tool's unexpected exception is logged as one
-line (its traceback only at DEBUG) and reported with its message, never its traceback.
+and must encode as UTF-8, so whatever a tool returns, the response that carries it can be
+built. A result whose JSON text is longer than `max_result_bytes` is truncated: it becomes
+a string, the start of that text (cut at a character boundary) followed by
+"[truncated: N more bytes]", and the call is OK with `truncated` set; the model is shown
+the same string. A tool's unexpected exception is logged as one line (its traceback only
+at DEBUG) and reported with its message, never its traceback.
 """
 
 from __future__ import annotations
@@ -21,18 +24,16 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from pydantic import ValidationError
-
 from toolchain_service import tracing
 from toolchain_service.backends.base import ToolHint
 from toolchain_service.config import ToolSettings
 from toolchain_service.events import ToolCall, ToolCallResult, ToolOutcome
-from toolchain_service.tools.base import Tool, ToolArguments, ToolFailure
+from toolchain_service.tools.base import InvalidArguments, Tool, ToolFailure
 from toolchain_service.utf8 import valid
 
 log = logging.getLogger(__name__)
 
-_Validated = tuple[Tool[Any], ToolArguments]
+_Validated = tuple[Tool[Any], Any]
 
 
 def _json_int(text: str) -> int:
@@ -41,12 +42,13 @@ def _json_int(text: str) -> int:
     return value
 
 
-def _describe_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "arguments"
-        parts.append(f"{where}: {err['msg']}")
-    return "arguments do not match the tool's schema: " + "; ".join(parts)
+def truncated_text(text: str, limit: int) -> str:
+    """The start of `text` that fits, with its marker, in `limit` UTF-8 bytes, cut at a
+    character boundary, followed by "[truncated: N more bytes]" (N: the bytes left out)."""
+    data = text.encode("utf-8")
+    marker_room = len(f"[truncated: {len(data)} more bytes]")  # N is at most the whole size
+    kept = data[: max(0, limit - marker_room)].decode("utf-8", errors="ignore")
+    return f"{kept}[truncated: {len(data) - len(kept.encode('utf-8'))} more bytes]"
 
 
 class ToolRegistry:
@@ -131,9 +133,9 @@ class ToolRegistry:
                 call, ToolOutcome.INVALID_ARGUMENTS, error="arguments must be a JSON object"
             )
         try:
-            args = tool.Arguments.model_validate_json(text)
-        except ValidationError as exc:
-            return ToolCallResult(call, ToolOutcome.INVALID_ARGUMENTS, error=_describe_validation(exc))
+            args = tool.parse_arguments(text)
+        except InvalidArguments as exc:
+            return ToolCallResult(call, ToolOutcome.INVALID_ARGUMENTS, error=valid(str(exc)[:1000]))
         return tool, args
 
     async def run(self, calls: Sequence[ToolCall], enabled: Sequence[str]) -> tuple[ToolCallResult, ...]:
@@ -165,7 +167,7 @@ class ToolRegistry:
                 results[position] = result
         return tuple(r for r in results if r is not None)
 
-    async def _execute(self, call: ToolCall, tool: Tool[Any], args: ToolArguments) -> ToolCallResult:
+    async def _execute(self, call: ToolCall, tool: Tool[Any], args: Any) -> ToolCallResult:
         if not tracing.enabled():
             return await self._execute_untraced(call, tool, args)
         attributes = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": tool.name}
@@ -175,7 +177,7 @@ class ToolRegistry:
             span.set_attribute("toolchain.tool.outcome", result.outcome.name.lower())
             return result
 
-    async def _execute_untraced(self, call: ToolCall, tool: Tool[Any], args: ToolArguments) -> ToolCallResult:
+    async def _execute_untraced(self, call: ToolCall, tool: Tool[Any], args: Any) -> ToolCallResult:
         timeout = self.timeout_of(tool)
         started = time.perf_counter()
         try:
@@ -218,12 +220,8 @@ class ToolRegistry:
                 duration=elapsed,
             )
         if size > self._settings.max_result_bytes:
-            return ToolCallResult(
-                call,
-                ToolOutcome.FAILED,
-                error=f"tool result is {size} bytes, more than the {self._settings.max_result_bytes} allowed",
-                duration=elapsed,
-            )
+            cut = truncated_text(text, self._settings.max_result_bytes)
+            return ToolCallResult(call, ToolOutcome.OK, result=cut, duration=elapsed, truncated=True)
         return ToolCallResult(call, ToolOutcome.OK, result=value, duration=elapsed)
 
     async def aclose(self) -> None:
