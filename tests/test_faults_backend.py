@@ -225,6 +225,19 @@ async def test_backend_trickling_forever_is_cut_at_the_request_timeout(faults: F
     await h.fake.wait_disconnect(5.0)
 
 
+async def test_sse_keepalive_comments_do_not_hold_a_stage_past_the_request_timeout(faults: Faults) -> None:
+    # `: ping` comments every 20 ms keep each read alive; they must count toward the total.
+    h = await faults.start(backend={"request_timeout": 0.5, "read_timeout": 0.4})
+    first = text_chunks("thinking", pieces=1)[1]
+    first["choices"][0]["finish_reason"] = None
+    h.fake.script(SSEReply([first, *[RawEvent(b": ping\n\n")] * 1000], done=False, delay=0.02))
+    outcome = await run(h, "stream")
+    assert_failed(
+        outcome, UNAVAILABLE, "BACKEND_UNAVAILABLE", retryable=True, message="did not finish within 0.5 s"
+    )
+    await h.fake.wait_disconnect(5.0)
+
+
 async def test_unstreamed_body_trickling_forever_is_cut_at_the_request_timeout(faults: Faults) -> None:
     h = await faults.start(backend={"request_timeout": 0.5, "read_timeout": 0.4})
     h.fake.script(

@@ -178,7 +178,9 @@ async def test_lone_surrogate_in_a_tool_name_written_as_content_is_reported_not_
     faults: Faults,
 ) -> None:
     h = await faults.start()
-    h.fake.script(JSONReply(completion(content='{"name": "ech\\udc00", "arguments": {"text": "x"}}')))
+    # In <tool_call> markup: bare JSON naming no offered tool is an answer, not a call.
+    content = '<tool_call>{"name": "ech\\udc00", "arguments": {"text": "x"}}</tool_call>'
+    h.fake.script(JSONReply(completion(content=content)))
     outcome = await run(h, "unary")
     (result,) = outcome.summary()
     assert (result.tool_name, result.outcome) == ("ech\ufffd", pb.TOOL_OUTCOME_UNKNOWN_TOOL)

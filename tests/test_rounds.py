@@ -11,8 +11,16 @@ import grpc
 import pytest
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
-from tests.conftest import Harness, collect, kinds, stage
-from tests.fakes.openai_backend import JSONReply, SSEReply, call, completion, text_chunks, tool_call_chunks
+from tests.conftest import Harness, collect, kinds, stage, start_harness, stop_harness
+from tests.fakes.openai_backend import (
+    FakeBackend,
+    JSONReply,
+    SSEReply,
+    call,
+    completion,
+    text_chunks,
+    tool_call_chunks,
+)
 from tests.fakes.server_process import run_to_end
 
 EXPRESSIONS = ("1+1", "2*3", "6*7")
@@ -108,7 +116,7 @@ async def test_one_round_is_the_default_and_the_classic_stage(h: Harness) -> Non
     events, code = await collect(h.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage("steps"))))
     assert code == grpc.StatusCode.OK
     assert kinds(events).count("tool_summary") == 1
-    assert events[-1].done.rounds_exhausted  # round 1 made calls and was the last allowed
+    assert not events[-1].done.rounds_exhausted  # one round is the classic stage, not a cut-off loop
     assert "tools" not in h.fake.requests[1]  # the second request was the synthesis
 
 
@@ -194,3 +202,26 @@ async def test_the_cli_runs_rounds_and_shows_each(h: Harness) -> None:
         sys.executable, "-m", "toolchain_client", "run", "--tool-choice", "some", "x", timeout=60
     )
     assert code == 2 and "must be auto, required, none or tool:NAME" in err
+
+
+async def test_an_empty_tool_choice_is_an_invalid_field(h: Harness) -> None:
+    request = pb.RunToolsRequest(stage=stage("x", tool_choice=pb.ToolChoice()))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await h.stub.RunTools(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage.tool_choice" in (caught.value.details() or "")
+
+
+async def test_a_backend_that_cannot_force_a_choice_is_asked_with_auto(fake: FakeBackend) -> None:
+    h = await start_harness(fake, backend={"forces_tool_choice": False})
+    try:
+        fake.script(JSONReply(completion("no call after all")))
+        named = pb.ToolChoice(tool="calculator")
+        response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage("1+1", tool_choice=named)))
+        (sent,) = fake.requests
+        assert sent["tool_choice"] == "auto" and [t["function"]["name"] for t in sent["tools"]] == [
+            "calculator"
+        ]
+        assert response.text == "no call after all" and not response.tool_results  # not a failure
+    finally:
+        await stop_harness(h)

@@ -10,8 +10,9 @@ import grpc
 import pytest
 from toolchain_proto.v1 import toolchain_pb2 as pb
 
-from tests.conftest import Harness, collect, stage
+from tests.conftest import Harness, collect, stage, start_harness, stop_harness
 from tests.fakes.openai_backend import (
+    FakeBackend,
     JSONReply,
     Reply,
     SSEReply,
@@ -118,6 +119,34 @@ async def test_hermes_tool_call_blocks_in_content_are_tool_calls(h: Harness, mod
     results = await run_tools(h, mode, *content_reply(text))
     assert outcomes(results) == [("echo", pb.TOOL_OUTCOME_OK), ("calculator", pb.TOOL_OUTCOME_OK)]
     assert h.echo.calls == ["h1"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_plain_json_answer_is_the_answer_not_a_tool_call(h: Harness, mode: str) -> None:
+    answer = '{"name": "Paris", "country": "France"}'
+    unary, streamed = content_reply(answer)
+    if mode == "unary":
+        h.fake.script(unary)
+        response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()))
+        assert (list(response.tool_results), response.text) == ([], answer)
+        return
+    h.fake.script(streamed)
+    events, code = await collect(h.stub.StreamTools(pb.StreamToolsRequest(stage=stage())))
+    assert code == grpc.StatusCode.OK
+    assert [list(e.tool_summary.results) for e in events if e.HasField("tool_summary")] == [[]]
+    assert events[-1].done.text == answer
+
+
+async def test_backend_with_the_native_parser_reads_no_call_from_the_content(fake: FakeBackend) -> None:
+    h = await start_harness(fake, backend={"tool_parser": "native"})
+    try:
+        text = '{"name": "echo", "arguments": {"text": "not a call here"}}'
+        h.fake.script(JSONReply(completion(content=text)))
+        response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()))
+        assert (list(response.tool_results), response.text) == ([], text)
+        assert h.echo.calls == []
+    finally:
+        await stop_harness(h)
 
 
 @pytest.mark.parametrize("mode", MODES)

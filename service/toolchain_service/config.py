@@ -5,7 +5,11 @@ Sources, highest priority first: keyword arguments, environment variables prefix
 complex values may also be given as JSON, e.g. `TOOLCHAIN_BACKENDS='{"vllm": {...}}'`),
 then an optional TOML file named by `TOOLCHAIN_CONFIG_FILE`, then the defaults below.
 With no configuration at all the server listens on 127.0.0.1:50051 and serves the
-embedded local model.
+embedded local model. Sources are merged key by key: a per-key variable such as
+`TOOLCHAIN_BACKENDS__VLLM__BASE_URL` adds to (or changes one key of) the backends of the
+lower sources, the default `local` one included; a table given whole (`[backends.*]` in
+the file, JSON in `TOOLCHAIN_BACKENDS`) replaces the defaults. A `TOOLCHAIN_*` variable
+that is no setting is an error, not ignored (`NOT_SETTINGS`: the clients' own).
 
 Secrets are never configuration values, so no dump of the settings can show one: a
 backend names the environment variable that holds its API key, and bearer-token auth
@@ -18,6 +22,7 @@ an environment variable) into one `ConfigError` whose message names each bad key
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import re
@@ -91,6 +96,11 @@ class BackendSettings(_Strict):
     max_response_bytes: int = Field(8 << 20, ge=1024, description="largest body or SSE event accepted")
     extra_body: dict[str, Any] = Field({}, description="extra JSON fields sent with every request")
     num_predict_option: bool = Field(False, description="also send options.num_predict (Ollama)")
+    forces_tool_choice: bool = Field(
+        True,
+        description="whether the backend honours tool_choice 'required' and a named tool; "
+        "false: it is asked with 'auto' (a named choice still offers only that tool)",
+    )
     streams_tool_calls: bool | None = Field(
         None, description="whether a streamed tool_choice=auto works; unset: the kind's default"
     )
@@ -141,6 +151,11 @@ class BackendSettings(_Strict):
                 raise ValueError("an openai backend needs base_url (e.g. http://127.0.0.1:8000/v1)")
             if not value.startswith(("http://", "https://")):
                 raise ValueError(f"must start with http:// or https://, got {value!r}")
+        elif info.data.get("kind") == "local" and value:
+            raise ValueError(
+                "a local backend runs its own model process and takes no base_url; for a server"
+                ' at a URL, configure a backend with kind = "openai"'
+            )
         return value
 
     @field_validator("model_path", "server_binary")
@@ -160,6 +175,33 @@ class BackendSettings(_Strict):
             raise ValueError(problem)
         return value
 
+    @field_validator("tool_parser")
+    @classmethod
+    def _check_tool_parser(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        from toolchain_service.toolcalls import parser_problem  # noqa: PLC0415 - config stays light
+
+        problem = parser_problem(value)
+        if problem:
+            raise ValueError(problem)
+        if info.data.get("kind") == "local" and value != "native":
+            raise ValueError(
+                "the local backend constrains its tool calls by a grammar and returns them"
+                f" structured; tool_parser can only be 'native', got {value!r}"
+            )
+        return value
+
+    def effective_tool_parser(self) -> str:
+        """The configured tool parser, or the kind's default. local: native (its calls are
+        grammar-constrained and come back structured). openai: hermes+json, what the
+        generic tool instructions ask models without native tool calling for, read
+        strictly: `<tool_call>` blocks, or an answer that is a call object naming an
+        offered tool with arguments; a plain JSON answer is never a call."""
+        if self.tool_parser is not None:
+            return self.tool_parser
+        return "native" if self.kind == "local" else "hermes+json"
+
     def api_key(self) -> str:
         """The key from the environment; many local servers accept any non-empty key."""
         return os.environ.get(self.api_key_env, "") if self.api_key_env else "unused"
@@ -171,14 +213,112 @@ class PhaseDefaults(_Strict):
 
 
 class ToolSettings(_Strict):
-    enabled: tuple[str, ...] = Field((), description="tools offered; empty: all built-in tools")
+    enabled: tuple[str, ...] = Field(
+        (),
+        description="tools offered, by name (built-in, plugin and MCP tools alike); empty: every tool"
+        " of every source (the built-ins, the plugins named in `plugins`, the MCP servers' tools)",
+    )
+    plugins: tuple[str, ...] = Field(
+        (),
+        description="entry points of the group `toolchain.tools` to load (installed tool plugins);"
+        " empty: none, since loading a plugin runs its code",
+    )
     timeout: float = Field(10.0, gt=0, description="seconds a tool call may run")
     max_calls_per_stage: int = Field(16, ge=1, description="tool calls executed per stage; more: SKIPPED")
-    max_result_bytes: int = Field(64 << 10, ge=256, description="largest JSON result kept per call")
+    max_result_bytes: int = Field(
+        64 << 10,
+        ge=256,
+        description="largest JSON result kept per call; a longer one is cut to this size and marked",
+    )
     weather_url: str = Field(
         "https://api.open-meteo.com/v1/forecast",
         description="get_weather: Open-Meteo-compatible forecast API",
     )
+
+
+_MCP_SERVER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token (RFC 9110)
+
+
+def _check_env_set(names: Any) -> None:
+    for name in names:
+        if not os.environ.get(name, ""):
+            raise ValueError(f"environment variable {name} is not set or empty")
+
+
+class McpServerSettings(_Strict):
+    """One MCP server whose tools the server offers: a command run over stdio, or a
+    streamable-HTTP URL. Secrets (tokens) are never configuration values: headers and the
+    child's extra variables name environment variables of this server that hold them."""
+
+    command: str = Field("", description="stdio: the executable that runs the MCP server")
+    args: tuple[str, ...] = Field((), description="stdio: its arguments")
+    env: dict[str, str] = Field({}, description="stdio: extra environment variables (not secrets)")
+    env_vars: tuple[str, ...] = Field(
+        (), description="stdio: names of this server's environment variables passed on to the child"
+    )
+    cwd: str = Field("", description="stdio: working directory; empty: this server's")
+    url: str = Field("", description="streamable HTTP: the MCP endpoint, e.g. http://127.0.0.1:8000/mcp")
+    headers_env: dict[str, str] = Field(
+        {},
+        description="streamable HTTP: header name -> name of the environment variable holding its value",
+    )
+    tool_prefix: str = Field(
+        "", description="put before each of its tool names (e.g. 'github_'), to keep names apart"
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="seconds a call of its tools may run; unset: tools.timeout"
+    )
+    connect_timeout: float = Field(
+        30.0, gt=0, description="seconds to start or reach the server and list its tools"
+    )
+    reconnect_initial_backoff: float = Field(
+        0.5, gt=0, description="first wait before reconnecting to a server that went away (doubles)"
+    )
+    reconnect_max_backoff: float = Field(30.0, gt=0, description="longest wait between reconnection attempts")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {value!r}")
+        return value
+
+    @field_validator("env_vars")
+    @classmethod
+    def _check_env_vars(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        _check_env_set(names)
+        return names
+
+    @field_validator("headers_env")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for header in headers:
+            if not _HEADER_NAME.match(header):
+                raise ValueError(f"{header!r} is not an HTTP header name")
+        _check_env_set(headers.values())
+        return headers
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> McpServerSettings:
+        if bool(self.command) == bool(self.url):
+            raise ValueError("set either command (stdio) or url (streamable HTTP)")
+        stdio_only = {"args": self.args, "env": self.env, "env_vars": self.env_vars, "cwd": self.cwd}
+        if self.url and any(stdio_only.values()):
+            given = ", ".join(k for k, v in stdio_only.items() if v)
+            raise ValueError(f"{given}: only for a command (stdio) server, not a url")
+        if self.command and self.headers_env:
+            raise ValueError("headers_env: only for a url (streamable HTTP) server")
+        return self
+
+    def headers(self) -> dict[str, str]:
+        """The HTTP headers, their values read from the environment now."""
+        return {header: os.environ.get(var, "") for header, var in self.headers_env.items()}
+
+    def child_env(self) -> dict[str, str]:
+        """The extra environment of the stdio child, passed-on variables read now."""
+        passed = {name: os.environ[name] for name in self.env_vars if name in os.environ}
+        return {**self.env, **passed}
 
 
 def _readable_pem(path: str, marker: str, what: str) -> str:
@@ -288,6 +428,29 @@ class AuthSettings(_Strict):
         return tuple(dict.fromkeys(t.encode() for t in tokens if t))
 
 
+_DEFAULT_BACKENDS: dict[str, Any] = {"local": {"kind": "local"}}
+
+
+class _BackendDefaults(PydanticBaseSettingsSource):
+    """The default backends, as the lowest source, so that per-key variables
+    (`TOOLCHAIN_BACKENDS__VLLM__BASE_URL`, `TOOLCHAIN_BACKENDS__LOCAL__N_CTX`) add a backend
+    or change one key of a default one, merged over it, instead of replacing the whole
+    table (which dropped `local`, or turned it into an `openai` backend). A table given
+    whole (keyword argument, the TOML file's `[backends.*]`, JSON in `TOOLCHAIN_BACKENDS`)
+    is the complete set: the defaults are left out."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ answers for the whole source
+
+    def __call__(self) -> dict[str, Any]:
+        whole = any(
+            "backends" in state
+            for name, state in self.settings_sources_data.items()
+            if name != "EnvSettingsSource"
+        ) or any(key.upper() == f"{ENV_PREFIX}BACKENDS" for key in os.environ)
+        return {} if whole else {"backends": _DEFAULT_BACKENDS}
+
+
 class Settings(BaseSettings):
     """The whole server configuration."""
 
@@ -332,6 +495,17 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="put prompts in the stage log line (debugging only)")
     tracing: bool = Field(False, description="OpenTelemetry spans per stage (needs the otel extra)")
     tools: ToolSettings = ToolSettings()
+    mcp_servers: dict[str, McpServerSettings] = Field(
+        {}, description="MCP servers by name, whose tools are offered next to the built-in ones"
+    )
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _check_mcp_names(cls, servers: dict[str, McpServerSettings]) -> dict[str, McpServerSettings]:
+        for name in servers:
+            if not _MCP_SERVER_NAME.match(name):
+                raise ValueError(f"{name!r}: a server name is 1-64 letters, digits, '_' or '-'")
+        return servers
 
     @field_validator("address")
     @classmethod
@@ -395,6 +569,7 @@ class Settings(BaseSettings):
         path = os.environ.get(CONFIG_FILE_ENV)
         if path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        sources.append(_BackendDefaults(settings_cls))
         return tuple(sources)
 
 
@@ -413,13 +588,68 @@ def _problem(err: Any) -> str:
     return f"{key}: {message}" if key else message
 
 
+#: TOOLCHAIN_* variables that are not server settings: read by the clients and their
+#: examples (address, token, TLS files), the interop harness and the .ci scripts.
+NOT_SETTINGS = frozenset(
+    {
+        CONFIG_FILE_ENV,
+        "TOOLCHAIN_ADDR",
+        "TOOLCHAIN_TOKEN",
+        "TOOLCHAIN_AUTH_ADDR",
+        "TOOLCHAIN_TLS_ADDR",
+        "TOOLCHAIN_TLS_CA",
+        "TOOLCHAIN_TLS_CLIENT_CERT",
+        "TOOLCHAIN_TLS_CLIENT_KEY",
+        "TOOLCHAIN_FAKE_URL",
+        "TOOLCHAIN_LLAMA_CMAKE_ARGS",
+        "TOOLCHAIN_SETUP_CODEGEN",
+        "TOOLCHAIN_BREAKING_AGAINST",
+    }
+)
+
+
+def _setting_variables() -> list[str]:
+    """The names a setting's variable can have, less the prefix: TLS, TLS__CERT_FILE, ..."""
+    names = []
+    for name, info in Settings.model_fields.items():
+        names.append(name.upper())
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            names.extend(f"{name.upper()}__{sub.upper()}" for sub in model.model_fields)
+    return names
+
+
+def unknown_variables(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    """The TOOLCHAIN_* variables that set nothing (a typo is otherwise silently ignored),
+    each with the setting it probably meant."""
+    fields = {name.upper() for name in Settings.model_fields}
+    problems = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
+            continue
+        key = name.removeprefix(ENV_PREFIX)
+        if key.split("__", 1)[0] in fields:
+            continue  # nested keys are checked by the models themselves (extra="forbid")
+        near = difflib.get_close_matches(key, _setting_variables(), n=1, cutoff=0.8)
+        problems.append(variable + (f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""))
+    return problems
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """The effective settings, or ConfigError naming every bad key."""
+    """The effective settings, or ConfigError naming every bad key (and every TOOLCHAIN_*
+    variable that is no setting)."""
     path = os.environ.get(CONFIG_FILE_ENV)
     if path and not Path(path).is_file():
         raise ConfigError(f"{CONFIG_FILE_ENV}={path}: no such file")
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError(
+            f"invalid configuration: unknown environment variables: {', '.join(unknown)}"
+            f" (settings are {ENV_PREFIX}<KEY>, nested keys joined with __)"
+        )
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(_problem(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from None
@@ -435,3 +665,11 @@ def load_settings(**overrides: Any) -> Settings:
             f"invalid configuration: {field}: the environment variable {ENV_PREFIX}{field.upper()} "
             f"is not valid JSON{cause}"
         ) from None
+    if not settings.tools.plugins and not settings.mcp_servers:
+        # Only built-in tools can exist: names are checked here, so that --print-config
+        # refuses them too. Otherwise they are checked once plugins and servers are loaded.
+        from toolchain_service.tools.builtin import BUILTIN_TOOLS  # noqa: PLC0415 - config stays light
+        from toolchain_service.tools.catalog import check_enabled  # noqa: PLC0415
+
+        check_enabled(settings.tools.enabled, BUILTIN_TOOLS)
+    return settings

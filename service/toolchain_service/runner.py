@@ -239,6 +239,8 @@ class StageRunner:
             exhausted = False
             for round_no in range(1, spec.max_rounds + 1):
                 offered, choice = self._offered(spec, enabled, round_no)
+                if not backend.capabilities.forces_tool_choice:
+                    choice = "auto"  # the proto's fallback: ask, and take what comes
                 started = time.monotonic()
                 stats = PhaseStats(model=model, round=round_no)
                 request = ChatRequest(
@@ -262,9 +264,9 @@ class StageRunner:
                     calls = out.assembler.calls()
                     text = out.text()
                     if not calls and not constrained and offered:
-                        calls = parse_content_calls(text)
-                        if calls:
-                            text = ""
+                        # calls written in the content, read by the backend's tool parser;
+                        # the text keeps what is not call markup
+                        calls, text = parse_content_calls(text, backend.info.tool_parser, offered)
                     if out.finish_reason == "length":
                         calls = _cut_by_max_tokens(calls, spec.tool_phase.max_tokens)
                     results = await self.tools.run(calls, offered) if calls else ()
@@ -279,7 +281,7 @@ class StageRunner:
                 messages.extend(_round_messages(results, repair=spec.repair))
                 if not spec.repair and not any(r.outcome in _EXECUTED for r in results):
                     break  # nothing ran: another round would only repeat it (repair is off)
-                exhausted = round_no == spec.max_rounds
+                exhausted = round_no == spec.max_rounds > 1  # one round ends by design, not for want
 
             tool_stats = combined(rounds)
             if not spec.synthesis or not calls:

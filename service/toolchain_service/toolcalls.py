@@ -13,24 +13,28 @@ Two sources:
 
    ============  ==========================================================================
    native        nothing: only structured `tool_calls` are calls
-   json          the whole answer (optionally in a Markdown fence) is `{"name": ...,
-                 "arguments"|"parameters": {...}}` or a list of those, every name offered
-   hermes        Hermes 2 Pro / Qwen 2.5 `<tool_call>{...}</tool_call>` blocks
+   json          the answer (or a Markdown fence that is all of it) opens with `{"name":
+                 ..., "arguments"|"parameters": {...}}` or a list of those, names offered
+   hermes        Hermes 2 Pro / Qwen 2.5 `<tool_call>{...}</tool_call>` blocks, anywhere
    mistral       `[TOOL_CALLS] [{...}, ...]` (before v11) or `[TOOL_CALLS]name{...}` (v11+)
    llama3_json   Llama 3.1 `{"name": ..., "parameters": {...}}`, several joined by `;`,
-                 after `<|python_tag|>` or, without it, as the whole answer, names offered
+                 after `<|python_tag|>`, or without it opening the answer, names offered
    pythonic      Llama 3.2 / ToolACE `[get_weather(city="Paris"), ...]`, literals only,
-                 the whole answer (or inside `<|python_start|>`), names offered
+                 the whole answer (names offered) or inside `<|python_start|>` (Llama 4)
    ============  ==========================================================================
 
-   Several joined by `+` are tried in order; the first that finds a call wins.
+   Several joined by `+` are tried in order; the first that finds a call wins. Each
+   returns the calls and the content without their markup (the model's own words).
 
-The rule that keeps a model's plain JSON answer from becoming a call: text that carries
-no call markup (`json`, `llama3_json` without `<|python_tag|>`, `pythonic` without
-`<|python_start|>`) is a call only when all of it is call-shaped and every name is a tool
-offered to the model; `{"name": "Paris", "country": "France"}` is an answer. Inside
-markup the model has said it is calling, so every block is a call: one that cannot be
-read (not JSON, no name, not closed) is reported with a `problem` and never executed.
+The rule that keeps a model's plain answer from becoming a call: text without call
+markup (`json`, `llama3_json` without `<|python_tag|>`, `pythonic` without
+`<|python_start|>`) is a call only when it is call-shaped throughout and every name is a
+tool offered to the model; `{"name": "Paris", "country": "France"}` is an answer, and so
+is `{"name": "x"}` without arguments. Inside markup the model has said it is calling, so
+the name need not be offered (an unknown one is UNKNOWN_TOOL later), and a call that
+cannot be read (not JSON, no name, not closed, cut short, non-literal Python arguments)
+is returned with a `problem`: reported, never executed. Markup around no call at all
+(the tags named in prose, `[TOOL_CALLS]` before plain text) stays text.
 """
 
 from __future__ import annotations
@@ -193,7 +197,11 @@ def _is_bare_call(obj: object, offered: Collection[str]) -> TypeGuard[dict[str, 
     name = fields.get("name")
     if not isinstance(name, str) or name not in offered:
         return False
-    return isinstance(fields.get("arguments", fields.get("parameters")), dict | str)
+    arguments = fields.get("arguments", fields.get("parameters"))
+    if isinstance(arguments, str):
+        found = _json_value(arguments.strip())
+        arguments = found[0] if found and not arguments.strip()[found[1] :] else None
+    return isinstance(arguments, dict)
 
 
 def _arguments_text(value: object) -> str:
@@ -268,8 +276,9 @@ def parse_json(text: str, offered: Collection[str]) -> ContentCalls:
 
 def parse_hermes(text: str, offered: Collection[str]) -> ContentCalls:
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks anywhere in the
-    content (Hermes 2 Pro, Qwen 2.5): each block is a call, whatever its name. An unclosed
-    block that starts like JSON is reported (cut short); one that does not is prose."""
+    content (Hermes 2 Pro, Qwen 2.5): each block that holds JSON is a call, whatever its
+    name; unclosed (cut short) or not valid JSON, it is reported. Tags around anything
+    else are prose that names them."""
     if "<tool_call>" not in text:
         return _none(text)
     calls: list[ToolCall] = []
@@ -277,8 +286,8 @@ def parse_hermes(text: str, offered: Collection[str]) -> ContentCalls:
     done = 0
     for block in _HERMES_BLOCK.finditer(text):
         body, closed = block.group(1).strip(), bool(block.group(2))
-        if not closed and not body.startswith(("{", "[")):
-            continue  # the tag named in prose, not a call
+        if not body.startswith(("{", "[")):
+            continue  # the tags named in prose, not a call
         rest.append(text[done : block.start()])
         done = block.end()
         found = _json_value(body)
@@ -304,7 +313,7 @@ def _mistral_segment(segment: str, position: int) -> tuple[list[ToolCall], str]:
         return _marked_calls(found[0], body[: found[1]], position, "[TOOL_CALLS] list"), body[found[1] :]
     head = _MISTRAL_V11.match(body)  # v11+: name, maybe [CALL_ID]id, maybe [ARGS], then {...}
     if head is None:
-        return [_unreadable(body, position, "the [TOOL_CALLS] mark is followed by no tool call")], ""
+        return [], _MISTRAL_MARK + segment  # no call follows the mark: text, as vLLM keeps it
     name, arguments = head.group(1), body[head.end() :]
     found = _json_value(arguments)
     if found is None:
@@ -327,7 +336,7 @@ def parse_mistral(text: str, offered: Collection[str]) -> ContentCalls:
         found, after = _mistral_segment(segment, len(calls))
         calls.extend(found)
         rest.append(after)
-    return ContentCalls(calls, _leftover(rest))
+    return ContentCalls(calls, _leftover(rest)) if calls else _none(text)
 
 
 def parse_llama3_json(text: str, offered: Collection[str]) -> ContentCalls:

@@ -113,7 +113,7 @@ class InteropBackend:
         if hang:
             return await self._hang(request, hang.group(1), stream)
         if "[rounds3]" in prompt:
-            return await self._rounds(request, messages, synthesis, stream)
+            return await self._rounds(request, messages, not body.get("tools"), stream)
         if "[text]" in prompt or synthesis:
             text, usage = (TEXT, (20, 6)) if "[text]" in prompt else (ANSWER, (40, 5))
             if not stream:

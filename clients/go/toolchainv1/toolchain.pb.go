@@ -347,10 +347,11 @@ type StageRequest struct {
 	// then its valid calls executed. After a round with calls, the next round
 	// sends the model every result so far, with the tools still offered, so it
 	// may call more; a round without calls ends the loop and its text is the
-	// answer (Done.text; no synthesis phase). When the last allowed round still
-	// made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-	// synthesis phase (tools not offered) on all results, tools-only RPCs end
-	// with that round's text. 1 is the classic two-phase stage.
+	// answer (Done.text; no synthesis phase). After the last allowed round,
+	// synthesis RPCs run the synthesis phase (tools not offered) on all
+	// results, tools-only RPCs end with that round's text; when max_rounds > 1
+	// and that round still made calls, Done.rounds_exhausted is set. 1 is the
+	// classic two-phase stage (never "exhausted").
 	MaxRounds *int32 `protobuf:"varint,9,opt,name=max_rounds,json=maxRounds,proto3,oneof" json:"max_rounds,omitempty"`
 	// What the model must do about tools in the first round; later rounds are
 	// always "auto", so that a required or named choice cannot loop. Unset:
@@ -477,7 +478,7 @@ func (x *StageRequest) GetRepairInvalidCalls() bool {
 // ToolChoice is a mode, or one tool the model must call.
 type ToolChoice struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Exactly one is set.
+	// Exactly one is set (a ToolChoice with neither is INVALID_ARGUMENT).
 	//
 	// Types that are valid to be assigned to Choice:
 	//
@@ -670,11 +671,12 @@ type RunToolsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Identifier of the stage (the caller's or the generated one).
 	StageId string `protobuf:"bytes,1,opt,name=stage_id,json=stageId,proto3" json:"stage_id,omitempty"`
-	// One result per tool call the model made, in the model's order. Calls that
-	// failed validation are listed with their outcome and were not executed.
+	// One result per tool call the model made, round by round, each round in the
+	// model's order. Calls that failed validation are listed with their outcome
+	// and were not executed.
 	ToolResults []*ToolCallResult `protobuf:"bytes,2,rep,name=tool_results,json=toolResults,proto3" json:"tool_results,omitempty"`
-	// Text the model wrote in the tool phase besides its tool calls (often
-	// empty; the answer itself when the model called no tool).
+	// Text the model wrote in the last tool round besides its tool calls (often
+	// empty; the answer itself when that round made no call).
 	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
 	// Statistics of the tool phase: of its one round, or of all its rounds
 	// together (usage, duration and retries summed; the last round's finish
@@ -682,7 +684,8 @@ type RunToolsResponse struct {
 	ToolPhase *PhaseStats `protobuf:"bytes,4,opt,name=tool_phase,json=toolPhase,proto3" json:"tool_phase,omitempty"`
 	// Statistics of each tool round, in order (PhaseStats.round 1, 2, ...).
 	ToolRounds []*PhaseStats `protobuf:"bytes,5,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
-	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	// max_rounds > 1 ran out while the model still made tool calls (see
+	// StageRequest.max_rounds).
 	RoundsExhausted bool `protobuf:"varint,6,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
 	// Token usage of every model call of the stage together; unset when the
 	// backend reported none.
@@ -821,10 +824,11 @@ type RunSynthesisResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Identifier of the stage (the caller's or the generated one).
 	StageId string `protobuf:"bytes,1,opt,name=stage_id,json=stageId,proto3" json:"stage_id,omitempty"`
-	// The final answer: the synthesis text, or the tool phase text when the
-	// model called no tool.
+	// The final answer: the synthesis text, or the text of the last tool round
+	// when it made no call.
 	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
-	// One result per tool call the model made, in the model's order.
+	// One result per tool call the model made, round by round, each round in the
+	// model's order.
 	ToolResults []*ToolCallResult `protobuf:"bytes,3,rep,name=tool_results,json=toolResults,proto3" json:"tool_results,omitempty"`
 	// Statistics of the tool phase.
 	ToolPhase *PhaseStats `protobuf:"bytes,4,opt,name=tool_phase,json=toolPhase,proto3" json:"tool_phase,omitempty"`
@@ -833,7 +837,8 @@ type RunSynthesisResponse struct {
 	SynthesisPhase *PhaseStats `protobuf:"bytes,5,opt,name=synthesis_phase,json=synthesisPhase,proto3" json:"synthesis_phase,omitempty"`
 	// Statistics of each tool round, in order.
 	ToolRounds []*PhaseStats `protobuf:"bytes,6,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
-	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	// max_rounds > 1 ran out while the model still made tool calls (see
+	// StageRequest.max_rounds).
 	RoundsExhausted bool `protobuf:"varint,7,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
 	// Token usage of every model call of the stage together; unset when the
 	// backend reported none.
@@ -1779,7 +1784,8 @@ type Done struct {
 	Text string `protobuf:"bytes,3,opt,name=text,proto3" json:"text,omitempty"`
 	// Statistics of each tool round, in order.
 	ToolRounds []*PhaseStats `protobuf:"bytes,4,rep,name=tool_rounds,json=toolRounds,proto3" json:"tool_rounds,omitempty"`
-	// The last allowed round still made tool calls (see StageRequest.max_rounds).
+	// max_rounds > 1 ran out while the model still made tool calls (see
+	// StageRequest.max_rounds).
 	RoundsExhausted bool `protobuf:"varint,5,opt,name=rounds_exhausted,json=roundsExhausted,proto3" json:"rounds_exhausted,omitempty"`
 	// Token usage of every model call of the stage together; unset when the
 	// backend reported none.

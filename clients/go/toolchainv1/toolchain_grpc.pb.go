@@ -90,12 +90,13 @@ type ToolchainServiceClient interface {
 	// phase text is the answer and the synthesis phase is skipped.
 	RunSynthesis(ctx context.Context, in *RunSynthesisRequest, opts ...grpc.CallOption) (*RunSynthesisResponse, error)
 	// StreamTools streams the tool phase: chunks as the model produces them, one
-	// ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+	// ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+	// or StageError).
 	StreamTools(ctx context.Context, in *StreamToolsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamToolsResponse], error)
-	// StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-	// synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-	// When the model calls no tool there are no synthesis chunks and Done.text
-	// is the tool phase text.
+	// StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+	// per tool round, synthesis chunks, then exactly one terminal event (Done,
+	// Cancel or StageError). When the last tool round made no call there are no
+	// synthesis chunks and Done.text is that round's text.
 	StreamSynthesis(ctx context.Context, in *StreamSynthesisRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamSynthesisResponse], error)
 	// CancelStage cancels a running stage, from any connection. Its stream ends
 	// with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
@@ -208,12 +209,13 @@ type ToolchainServiceServer interface {
 	// phase text is the answer and the synthesis phase is skipped.
 	RunSynthesis(context.Context, *RunSynthesisRequest) (*RunSynthesisResponse, error)
 	// StreamTools streams the tool phase: chunks as the model produces them, one
-	// ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+	// ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+	// or StageError).
 	StreamTools(*StreamToolsRequest, grpc.ServerStreamingServer[StreamToolsResponse]) error
-	// StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-	// synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-	// When the model calls no tool there are no synthesis chunks and Done.text
-	// is the tool phase text.
+	// StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+	// per tool round, synthesis chunks, then exactly one terminal event (Done,
+	// Cancel or StageError). When the last tool round made no call there are no
+	// synthesis chunks and Done.text is that round's text.
 	StreamSynthesis(*StreamSynthesisRequest, grpc.ServerStreamingServer[StreamSynthesisResponse]) error
 	// CancelStage cancels a running stage, from any connection. Its stream ends
 	// with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running

@@ -27,6 +27,9 @@ class Capabilities:
     #: valid call or plain text (the embedded model): the runner adds no generic tool
     #: instructions and reads no calls out of the text.
     constrains_tool_calls: bool = False
+    #: Honours tool_choice "required" and a named function. Without it the runner asks
+    #: with "auto" (a named choice still offers only that tool).
+    forces_tool_choice: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,9 @@ class BackendInfo:
     kind: str
     default_model: str
     models: tuple[str, ...] = field(default=())
+    #: How tool calls written in the content are read (`toolcalls.PARSERS`, or a `+`
+    #: chain of them); "native": only structured tool_calls are calls.
+    tool_parser: str = "native"
 
 
 class ChatBackend(abc.ABC):

@@ -199,7 +199,13 @@ class LocalModelBackend(ChatBackend):
         path = Path(settings.model_path).expanduser() if settings.model_path else find_bundled_model()
         default_model = settings.default_model or (path.stem.lower() if path else "smollm2-135m-instruct")
         super().__init__(
-            BackendInfo(name=name, kind="local", default_model=default_model, models=settings.models),
+            BackendInfo(
+                name=name,
+                kind="local",
+                default_model=default_model,
+                models=settings.models,
+                tool_parser=settings.effective_tool_parser(),
+            ),
             Capabilities(streams_tool_calls=True, constrains_tool_calls=True),
             RetryPolicy(max_retries=settings.max_retries),
         )

@@ -1,29 +1,33 @@
 """An OpenAI-compatible HTTP backend (vLLM, llama.cpp server, Ollama, OpenAI).
 
-One `AsyncOpenAI` client per configured backend, made at start-up and shared by every
-stage for the process's life (the legacy handler built one per request: ~25 ms of CPU
-each). The client's own retries are off: the runner retries, only where it is safe.
-Responses, JSON and SSE alike, are read as bytes through the client's streaming-response
-API and parsed by `wire.py`, so no response is buffered beyond `max_response_bytes`.
-A call takes at most `request_timeout` in all (httpx alone bounds each read, not the
-sum), the caller's deadline permitting. This module is the one place where openai and
-HTTP exceptions become `BackendError`s; their messages name the problem (refused, DNS,
-TLS, timeout, cut), never a library class, and never contain the API key.
+One `httpx2.AsyncClient` per configured backend (its connection pool), made at start-up and
+shared by every stage for the process's life (the legacy handler built one per request:
+~25 ms of CPU each). The request body is serialised once with `json.dumps`, and responses,
+JSON and SSE alike, are read as bytes through httpx2's public streaming API and parsed by
+`wire.py`, so no response is buffered beyond `max_response_bytes`. The openai SDK is not
+used here: its typed `create()` costs ~0.7 ms of CPU a call in transforms and pydantic
+objects, and its untyped path is internal API; the wire format is small and `wire.py`
+reads it strictly. (The benchmark keeps a typed-SDK loop as what a user would write instead.)
+No retries here: the runner retries, only where it is safe. A call takes at most
+`request_timeout` in all (httpx alone bounds each read, not the sum; every byte counts,
+SSE comments included), the caller's deadline permitting. This module is the one place
+where HTTP exceptions and statuses become `BackendError`s; their messages name the problem
+(refused, DNS, TLS, timeout, cut, HTTP status), never a library class, never the API key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import socket
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import httpx2
-import openai
 
 from toolchain_service.backends import wire
 from toolchain_service.backends.base import (
@@ -48,6 +52,7 @@ from toolchain_service.errors import (
 from toolchain_service.utf8 import valid
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
+_USER_AGENT = "toolchain-grpc/0.1"
 
 
 def _tool_result_as_user(message: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +77,45 @@ async def _drain(raw: AsyncIterator[bytes], limit: int = 64 << 10, seconds: floa
                     return
     except (TimeoutError, httpx2.HTTPError):
         return
+
+
+async def _within(raw: AsyncIterator[bytes], budget: float, name: str, total: float) -> AsyncIterator[bytes]:
+    """`raw`, failing once the time spent waiting for it passes `budget` seconds. Every
+    chunk counts, so SSE comments (`: ping`) cannot hold a call past request_timeout; the
+    time the consumer spends between chunks does not (it is not the backend's)."""
+    waited = 0.0
+    resumed = time.monotonic()
+    async for chunk in raw:
+        waited += time.monotonic() - resumed
+        if waited > budget:
+            raise BackendUnavailable(f"backend {name!r} did not finish within {total:g} s")
+        yield chunk
+        resumed = time.monotonic()
+
+
+class _HTTPStatusError(Exception):
+    """An HTTP error status from the backend, with the start of its body."""
+
+    def __init__(self, response: httpx2.Response, text: bytes) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.status_code = response.status_code
+        self.response = response
+        self.body: object = text.decode("utf-8", "replace")
+        with contextlib.suppress(ValueError):
+            self.body = json.loads(text)
+
+
+async def _read_some(response: httpx2.Response, limit: int = 64 << 10) -> bytes:
+    """At most `limit` bytes of an error response's body (its message is all we use)."""
+    body = bytearray()
+    try:
+        async for piece in response.aiter_bytes():
+            body += piece
+            if len(body) >= limit:
+                break
+    except httpx2.HTTPError:
+        pass
+    return bytes(body[:limit])
 
 
 def _tool_choice(choice: str) -> str | dict[str, Any]:
@@ -107,7 +151,7 @@ def _backend_message(body: object) -> str:
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and what caused it, outermost first (openai wraps httpx wraps httpcore wraps
+    """`exc` and what caused it, outermost first (httpx wraps httpcore wraps
     OSError), without cycles."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
@@ -147,9 +191,13 @@ class OpenAIHTTPBackend(ChatBackend):
         streams = True if settings.streams_tool_calls is None else settings.streams_tool_calls
         super().__init__(
             BackendInfo(
-                name=name, kind="openai", default_model=settings.default_model, models=settings.models
+                name=name,
+                kind="openai",
+                default_model=settings.default_model,
+                models=settings.models,
+                tool_parser=settings.effective_tool_parser(),
             ),
-            Capabilities(streams_tool_calls=streams),
+            Capabilities(streams_tool_calls=streams, forces_tool_choice=settings.forces_tool_choice),
             RetryPolicy(max_retries=settings.max_retries),
         )
         self._settings = settings
@@ -161,17 +209,17 @@ class OpenAIHTTPBackend(ChatBackend):
         self._timeout = httpx2.Timeout(
             settings.request_timeout, connect=settings.connect_timeout, read=settings.read_timeout
         )
-        self._client = openai.AsyncOpenAI(
+        self._client = httpx2.AsyncClient(
             base_url=settings.base_url,
-            api_key=api_key,
-            max_retries=0,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": _USER_AGENT,
+            },
             timeout=self._timeout,
-            http_client=openai.DefaultAsyncHttpxClient(
-                timeout=self._timeout,
-                limits=httpx2.Limits(
-                    max_connections=settings.max_connections,
-                    max_keepalive_connections=settings.max_connections,
-                ),
+            limits=httpx2.Limits(
+                max_connections=settings.max_connections,
+                max_keepalive_connections=settings.max_connections,
             ),
         )
         self._max_bytes = settings.max_response_bytes
@@ -179,7 +227,7 @@ class OpenAIHTTPBackend(ChatBackend):
         self._secret = api_key if len(api_key) >= 8 else ""
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.aclose()
 
     def _body(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         extra: dict[str, Any] = dict(self._settings.extra_body)
@@ -192,14 +240,8 @@ class OpenAIHTTPBackend(ChatBackend):
         return extra
 
     async def _post(self, request: ChatRequest, stream: bool) -> httpx2.Response:
-        """POST /chat/completions through the shared client, the body serialised once here.
-
-        The typed `chat.completions.create` runs a recursive transform over the whole
-        request (messages and tool schemas included) on every call: ~0.7 ms of CPU per
-        backend call in the benchmark, against ~35 us for `json.dumps`. `client.post` with
-        `cast_to=httpx2.Response` and `stream=True` keeps the client's connection pool,
-        headers, auth and status-error mapping, and hands back the unread HTTP response.
-        """
+        """POST /chat/completions through the shared pool, the body serialised once here;
+        the response comes back unread, or as _HTTPStatusError for HTTP 4xx/5xx."""
         messages = request.messages
         if self._settings.tool_results_as_user:
             messages = [_tool_result_as_user(m) if m.get("role") == "tool" else m for m in messages]
@@ -216,23 +258,34 @@ class OpenAIHTTPBackend(ChatBackend):
         body.update(self._body(request, stream))
         if request.extra:
             body.update(request.extra)
-        options: dict[str, Any] = {"headers": _JSON_HEADERS}
+        timeout = self._timeout
         if request.timeout is not None:
-            options["timeout"] = httpx2.Timeout(
+            timeout = httpx2.Timeout(
                 min(request.timeout, self._settings.request_timeout),
                 connect=min(request.timeout, self._settings.connect_timeout),
                 read=min(request.timeout, self._settings.read_timeout),
             )
-        unread = True  # stream=True: the client returns the response before reading its body
-        response = await self._client.post(
-            "/chat/completions",
-            cast_to=httpx2.Response,
+        outgoing = self._client.build_request(
+            "POST",
+            "chat/completions",
             content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
-            options=cast(Any, options),
-            stream=unread,
-            stream_cls=None,
+            headers=_JSON_HEADERS,
+            timeout=timeout,
         )
-        assert isinstance(response, httpx2.Response)
+        try:
+            response = await self._client.send(outgoing, stream=True)
+        except httpx2.TimeoutException:
+            raise
+        except httpx2.TransportError as exc:  # no response at all: refused, DNS, TLS, closed
+            raise BackendUnavailable(
+                f"cannot reach backend {self.name!r}: {_connection_problem(exc)}"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                text = await _read_some(response)
+            finally:
+                await response.aclose()
+            raise _HTTPStatusError(response, text)
         return response
 
     def _total_timeout(self, request: ChatRequest) -> float:
@@ -263,26 +316,23 @@ class OpenAIHTTPBackend(ChatBackend):
     async def stream(self, request: ChatRequest) -> AsyncGenerator[ModelDelta, None]:
         # No asyncio.timeout here: a generator suspends at each yield, and the time the
         # consumer spends between chunks (a slow reader) is not the backend's. Only the time
-        # spent waiting for the backend counts, checked at each event.
+        # spent waiting for the backend's bytes counts (_within), checked as each arrives,
+        # comments and keep-alives included.
         total = self._total_timeout(request)
-        waited = 0.0
-        resumed = time.monotonic()
         try:
+            started = time.monotonic()
             http = await self._post(request, True)
             try:
                 finished = False
                 raw = http.aiter_bytes()
-                async for data in wire.sse_data(raw, self._max_bytes):
+                timed = _within(raw, total - (time.monotonic() - started), self.name, total)
+                async for data in wire.sse_data(timed, self._max_bytes):
                     if data is wire.DONE:
                         await _drain(raw)
                         return
-                    waited += time.monotonic() - resumed
-                    if waited > total:
-                        raise BackendUnavailable(f"backend {self.name!r} did not finish within {total:g} s")
                     delta = wire.parse_chunk(wire.loads(data))
                     finished = finished or bool(delta.finish_reason)
                     yield delta
-                    resumed = time.monotonic()
                 if not finished:
                     raise BackendUnavailable(
                         f"backend {self.name!r} closed the stream before it finished"
@@ -305,15 +355,15 @@ class OpenAIHTTPBackend(ChatBackend):
         return exc
 
     def _raise(self, exc: Exception, request: ChatRequest) -> NoReturn:
-        """Translate one openai/HTTP exception into the BackendError a caller can act on."""
+        """Translate one HTTP exception or status into the BackendError a caller can act on."""
         name = self.name
-        if isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException | TimeoutError):
+        if isinstance(exc, httpx2.TimeoutException | TimeoutError):
             raise BackendUnavailable(f"backend {name!r} did not answer in time") from None
-        if isinstance(exc, openai.APIConnectionError | httpx2.ConnectError):
+        if isinstance(exc, httpx2.ConnectError | httpx2.UnsupportedProtocol | httpx2.ProxyError):
             raise BackendUnavailable(f"cannot reach backend {name!r}: {_connection_problem(exc)}") from None
         if isinstance(exc, httpx2.TransportError):  # read error, cut mid-body, protocol violation
             raise BackendUnavailable(f"backend {name!r} cut the response short") from None
-        if isinstance(exc, openai.APIStatusError):
+        if isinstance(exc, _HTTPStatusError):
             status, message = exc.status_code, self._redact(_backend_message(exc.body))
             if status == 429:
                 raise BackendUnavailable(
@@ -337,9 +387,6 @@ class OpenAIHTTPBackend(ChatBackend):
             raise BackendUnavailable(
                 f"backend {name!r} failed (HTTP {status}): {message}", retry_after=_retry_after(exc.response)
             ) from None
-        if isinstance(exc, openai.APIError):
-            message = self._redact(valid(exc.message[:300]))
-            raise BackendUnavailable(f"backend {name!r} reported an error: {message}") from None
         if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
             raise BackendProtocolError(f"backend {name!r} sent a body that is not valid JSON") from None
         raise exc

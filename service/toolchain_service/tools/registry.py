@@ -59,6 +59,7 @@ class ToolRegistry:
                 raise ValueError(f"two tools are named {tool.name!r}")
             self._tools[tool.name] = tool
         self._settings = settings
+        self._closed = False
         self.specs = lru_cache(maxsize=256)(self._specs)
         self.instructions = lru_cache(maxsize=256)(self._instructions)
         self.hints = lru_cache(maxsize=256)(self._hints)
@@ -225,5 +226,9 @@ class ToolRegistry:
         return ToolCallResult(call, ToolOutcome.OK, result=value, duration=elapsed)
 
     async def aclose(self) -> None:
+        """Close every tool, once (closing again does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         for tool in self._tools.values():
             await tool.aclose()

@@ -56,6 +56,9 @@ def _tool_choice(choice: pb.ToolChoice, bad: list[FieldViolation]) -> ToolChoice
         if not choice.tool or len(choice.tool) > MAX_NAME_CHARS:
             bad.append(FieldViolation("stage.tool_choice.tool", "must be a tool name (see ListTools)"))
         return ToolChoice("tool", choice.tool)
+    if which is None:
+        bad.append(FieldViolation("stage.tool_choice", "set mode or tool, or leave tool_choice unset"))
+        return ToolChoice()
     if which == "mode":
         mode = _MODES.get(choice.mode)
         if mode is None:
@@ -116,7 +119,7 @@ def parse_stage(request: pb.StageRequest, settings: Settings, *, synthesis: bool
         max_rounds = request.max_rounds
         if not 1 <= max_rounds <= settings.max_rounds:
             bad.append(FieldViolation("stage.max_rounds", f"must be 1 to {settings.max_rounds}"))
-    tool_choice = _tool_choice(request.tool_choice, bad)
+    tool_choice = _tool_choice(request.tool_choice, bad) if request.HasField("tool_choice") else ToolChoice()
     if bad:
         raise InvalidRequest(bad)
     return StageSpec(

@@ -9,8 +9,14 @@ the port, Prometheus metrics on their own HTTP port, OpenTelemetry spans.
 Health ("" and toolchain.v1.ToolchainService): SERVING while at least one backend is
 ready, NOT_SERVING otherwise and from the start of a drain on. Each backend has its own
 entry, "toolchain.v1.ToolchainService/backend/NAME": NOT_SERVING while, for instance, the
-embedded model's process is down and being restarted. Readiness is re-checked every
-`health_interval` seconds and at once when a backend reports a change.
+embedded model's process is down and being restarted; so has each MCP server,
+".../mcp/NAME": NOT_SERVING while it is disconnected (its tools answer FAILED meanwhile;
+the server as a whole stays SERVING). Readiness is re-checked every `health_interval`
+seconds and at once when a backend or an MCP server reports a change.
+
+Tools: the built-ins, the plugins named in `tools.plugins` and the tools of the MCP
+servers in `mcp_servers` (connected before the port opens), checked as one set
+(`tools/catalog.py`).
 
 Drain: health turns NOT_SERVING, new stages get UNAVAILABLE, running stages get
 `shutdown_grace` seconds to finish, then end with a Cancel event (reason SHUTDOWN).
@@ -24,7 +30,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -42,17 +48,24 @@ from toolchain_service.runner import StageRunner
 from toolchain_service.stages import StageManager
 from toolchain_service.tools.base import Tool
 from toolchain_service.tools.builtin import builtin_tools
+from toolchain_service.tools.catalog import select_tools
+from toolchain_service.tools.plugins import load_plugins
 from toolchain_service.tools.registry import ToolRegistry
 from toolchain_service.transport import reflection
 from toolchain_service.transport.auth import EXEMPT_PREFIXES, REFLECTION_PREFIXES, BearerAuthInterceptor
 from toolchain_service.transport.decoding import DecodeGuard
 from toolchain_service.transport.servicer import ToolchainServicer
 
+if TYPE_CHECKING:
+    from toolchain_service.tools.mcp import McpServer
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolchainService"].full_name
 #: Health service name of each backend: "toolchain.v1.ToolchainService/backend/local".
 BACKEND_HEALTH_PREFIX = f"{SERVICE_NAME}/backend/"
+#: Health service name of each MCP server: "toolchain.v1.ToolchainService/mcp/calc".
+MCP_HEALTH_PREFIX = f"{SERVICE_NAME}/mcp/"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -72,6 +85,7 @@ class RunningServer:
     observer: StageObserver
     metrics: MetricsServer | None = None
     tracing: bool = False
+    mcp_servers: list[McpServer] = field(default_factory=list)
     _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _refreshes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
@@ -91,7 +105,16 @@ class RunningServer:
             await self.health.set(
                 BACKEND_HEALTH_PREFIX + backend.name, SERVING if backend.is_ready() else NOT_SERVING
             )
+        for mcp in self.mcp_servers:
+            await self.health.set(MCP_HEALTH_PREFIX + mcp.name, SERVING if mcp.is_ready() else NOT_SERVING)
         await self.set_health(SERVING if self.backends.any_ready() else NOT_SERVING)
+
+    def _state_listeners(self) -> list[list[Callable[[], None]]]:
+        """The listener lists of every part whose readiness health reports."""
+        return [
+            *(backend.state_listeners for backend in self.backends.all()),
+            *(mcp.state_listeners for mcp in self.mcp_servers),
+        ]
 
     def schedule_health_refresh(self) -> None:
         """A backend's readiness changed: tell health now, not at the next interval."""
@@ -108,9 +131,9 @@ class RunningServer:
         self._health_task = asyncio.create_task(self._watch_backends(), name="toolchain-health")
 
     async def _stop_watching(self) -> None:
-        for backend in self.backends.all():
+        for listeners in self._state_listeners():
             with contextlib.suppress(ValueError):
-                backend.state_listeners.remove(self.schedule_health_refresh)
+                listeners.remove(self.schedule_health_refresh)
         for refresh in list(self._refreshes):
             refresh.cancel()
         task, self._health_task = self._health_task, None
@@ -144,6 +167,8 @@ class RunningServer:
             self.tracing = False
         await self.backends.aclose()
         await self.tools.aclose()
+        for mcp in self.mcp_servers:
+            await mcp.aclose()
 
 
 def _listen(server: grpc.aio.Server, settings: Settings) -> int:
@@ -176,10 +201,47 @@ async def start_server(
 ) -> RunningServer:
     """Build and start a server on `settings.address` (port 0: a free port).
 
-    `tracer_provider`: where the spans go when `settings.tracing` is on (default: the
-    global OpenTelemetry provider)."""
+    `tools`: the local tools, instead of the built-ins and plugins (the MCP servers'
+    tools are added either way). `tracer_provider`: where the spans go when
+    `settings.tracing` is on (default: the global OpenTelemetry provider)."""
     backend_registry = backends or BackendRegistry.from_settings(settings.backends, settings.default_backend)
-    tool_registry = ToolRegistry(builtin_tools(settings.tools) if tools is None else tools, settings.tools)
+    local = (
+        [*builtin_tools(settings.tools), *load_plugins(settings.tools.plugins)] if tools is None else tools
+    )
+    mcp_servers: list[McpServer] = []
+    if settings.mcp_servers:  # the SDK (and what it imports) loads only when a server is configured
+        from toolchain_service.tools.mcp import start_mcp_servers  # noqa: PLC0415
+
+        mcp_servers = await start_mcp_servers(settings.mcp_servers)
+    try:
+        offered = select_tools(settings.tools, [local, *(server.tools for server in mcp_servers)])
+    except BaseException:
+        offered = []
+        for server in mcp_servers:
+            await server.aclose()
+        raise
+    finally:
+        for tool in local:  # those not offered; the offered ones are the registry's to close
+            if tool not in offered:
+                await tool.aclose()
+    tool_registry = ToolRegistry(offered, settings.tools)
+    try:
+        return await _start(settings, backend_registry, tool_registry, mcp_servers, observer, tracer_provider)
+    except BaseException:
+        await tool_registry.aclose()
+        for server in mcp_servers:
+            await server.aclose()
+        raise
+
+
+async def _start(
+    settings: Settings,
+    backend_registry: BackendRegistry,
+    tool_registry: ToolRegistry,
+    mcp_servers: list[McpServer],
+    observer: StageObserver | None,
+    tracer_provider: Any,
+) -> RunningServer:
     observer = observer or StageObserver(
         log_prompts=settings.log_prompts, default_backend=settings.default_backend
     )
@@ -211,7 +273,16 @@ async def start_server(
     port = _listen(server, settings)
     await backend_registry.start()
     running = RunningServer(
-        server, port, settings, servicer, stages, backend_registry, tool_registry, health, observer
+        server,
+        port,
+        settings,
+        servicer,
+        stages,
+        backend_registry,
+        tool_registry,
+        health,
+        observer,
+        mcp_servers=mcp_servers,
     )
     try:
         if settings.metrics_address:
@@ -222,8 +293,8 @@ async def start_server(
         await server.start()
         await running.refresh_health()
         running.watch_backends()
-        for backend in backend_registry.all():
-            backend.state_listeners.append(running.schedule_health_refresh)
+        for listeners in running._state_listeners():
+            listeners.append(running.schedule_health_refresh)
     except BaseException:
         await running.stop(0)
         raise
@@ -235,6 +306,7 @@ async def start_server(
     )
     if running.metrics is not None:
         log.info("metrics on %s", running.metrics.url)
+    log.info("tools: %s", ", ".join(f"{t.name} ({t.source})" for t in tool_registry.tools()) or "none")
     return running
 
 

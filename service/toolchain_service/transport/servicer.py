@@ -121,6 +121,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 description=tool.description,
                 parameters_schema=schema,
                 timeout=convert.duration(self.runner.tools.timeout_of(tool)),
+                source=tool.source,
             )
         return response
 

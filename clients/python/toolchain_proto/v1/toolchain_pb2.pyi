@@ -242,10 +242,11 @@ class StageRequest(_message.Message):
     then its valid calls executed. After a round with calls, the next round
     sends the model every result so far, with the tools still offered, so it
     may call more; a round without calls ends the loop and its text is the
-    answer (Done.text; no synthesis phase). When the last allowed round still
-    made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-    synthesis phase (tools not offered) on all results, tools-only RPCs end
-    with that round's text. 1 is the classic two-phase stage.
+    answer (Done.text; no synthesis phase). After the last allowed round,
+    synthesis RPCs run the synthesis phase (tools not offered) on all
+    results, tools-only RPCs end with that round's text; when max_rounds > 1
+    and that round still made calls, Done.rounds_exhausted is set. 1 is the
+    classic two-phase stage (never "exhausted").
     """
     repair_invalid_calls: _builtins.bool
     """Whether a round none of whose calls was executed (all INVALID_ARGUMENTS,
@@ -409,15 +410,18 @@ class RunToolsResponse(_message.Message):
     stage_id: _builtins.str
     """Identifier of the stage (the caller's or the generated one)."""
     text: _builtins.str
-    """Text the model wrote in the tool phase besides its tool calls (often
-    empty; the answer itself when the model called no tool).
+    """Text the model wrote in the last tool round besides its tool calls (often
+    empty; the answer itself when that round made no call).
     """
     rounds_exhausted: _builtins.bool
-    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
+    """max_rounds > 1 ran out while the model still made tool calls (see
+    StageRequest.max_rounds).
+    """
     @_builtins.property
     def tool_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallResult]:
-        """One result per tool call the model made, in the model's order. Calls that
-        failed validation are listed with their outcome and were not executed.
+        """One result per tool call the model made, round by round, each round in the
+        model's order. Calls that failed validation are listed with their outcome
+        and were not executed.
         """
 
     @_builtins.property
@@ -497,14 +501,18 @@ class RunSynthesisResponse(_message.Message):
     stage_id: _builtins.str
     """Identifier of the stage (the caller's or the generated one)."""
     text: _builtins.str
-    """The final answer: the synthesis text, or the tool phase text when the
-    model called no tool.
+    """The final answer: the synthesis text, or the text of the last tool round
+    when it made no call.
     """
     rounds_exhausted: _builtins.bool
-    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
+    """max_rounds > 1 ran out while the model still made tool calls (see
+    StageRequest.max_rounds).
+    """
     @_builtins.property
     def tool_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallResult]:
-        """One result per tool call the model made, in the model's order."""
+        """One result per tool call the model made, round by round, each round in the
+        model's order.
+        """
 
     @_builtins.property
     def tool_phase(self) -> Global___PhaseStats:
@@ -973,7 +981,9 @@ class Done(_message.Message):
     round when there was no synthesis phase.
     """
     rounds_exhausted: _builtins.bool
-    """The last allowed round still made tool calls (see StageRequest.max_rounds)."""
+    """max_rounds > 1 ran out while the model still made tool calls (see
+    StageRequest.max_rounds).
+    """
     @_builtins.property
     def tool_phase(self) -> Global___PhaseStats:
         """Statistics of the tool phase: of its one round, or of all its rounds

@@ -93,17 +93,18 @@ class ToolchainServiceServicer:
 
     def StreamTools(self, request, context):
         """StreamTools streams the tool phase: chunks as the model produces them, one
-        ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+        ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+        or StageError).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamSynthesis(self, request, context):
-        """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-        synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-        When the model calls no tool there are no synthesis chunks and Done.text
-        is the tool phase text.
+        """StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+        per tool round, synthesis chunks, then exactly one terminal event (Done,
+        Cancel or StageError). When the last tool round made no call there are no
+        synthesis chunks and Done.text is that round's text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

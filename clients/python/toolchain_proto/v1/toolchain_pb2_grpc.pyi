@@ -93,13 +93,14 @@ class ToolchainServiceStub:
     """
     StreamTools: _grpc.UnaryStreamMultiCallable[_toolchain_pb2.StreamToolsRequest, _toolchain_pb2.StreamToolsResponse]
     """StreamTools streams the tool phase: chunks as the model produces them, one
-    ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+    ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+    or StageError).
     """
     StreamSynthesis: _grpc.UnaryStreamMultiCallable[_toolchain_pb2.StreamSynthesisRequest, _toolchain_pb2.StreamSynthesisResponse]
-    """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-    synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-    When the model calls no tool there are no synthesis chunks and Done.text
-    is the tool phase text.
+    """StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+    per tool round, synthesis chunks, then exactly one terminal event (Done,
+    Cancel or StageError). When the last tool round made no call there are no
+    synthesis chunks and Done.text is that round's text.
     """
     CancelStage: _grpc.UnaryUnaryMultiCallable[_toolchain_pb2.CancelStageRequest, _toolchain_pb2.CancelStageResponse]
     """CancelStage cancels a running stage, from any connection. Its stream ends
@@ -129,13 +130,14 @@ class ToolchainServiceAsyncStub(ToolchainServiceStub):
     """
     StreamTools: _aio.UnaryStreamMultiCallable[_toolchain_pb2.StreamToolsRequest, _toolchain_pb2.StreamToolsResponse]  # type: ignore[assignment]
     """StreamTools streams the tool phase: chunks as the model produces them, one
-    ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+    ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+    or StageError).
     """
     StreamSynthesis: _aio.UnaryStreamMultiCallable[_toolchain_pb2.StreamSynthesisRequest, _toolchain_pb2.StreamSynthesisResponse]  # type: ignore[assignment]
-    """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-    synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-    When the model calls no tool there are no synthesis chunks and Done.text
-    is the tool phase text.
+    """StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+    per tool round, synthesis chunks, then exactly one terminal event (Done,
+    Cancel or StageError). When the last tool round made no call there are no
+    synthesis chunks and Done.text is that round's text.
     """
     CancelStage: _aio.UnaryUnaryMultiCallable[_toolchain_pb2.CancelStageRequest, _toolchain_pb2.CancelStageResponse]  # type: ignore[assignment]
     """CancelStage cancels a running stage, from any connection. Its stream ends
@@ -180,7 +182,8 @@ class ToolchainServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_toolchain_pb2.StreamToolsResponse], _abc.AsyncIterator[_toolchain_pb2.StreamToolsResponse]]:
         """StreamTools streams the tool phase: chunks as the model produces them, one
-        ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+        ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+        or StageError).
         """
 
     @_abc_1.abstractmethod
@@ -189,10 +192,10 @@ class ToolchainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _toolchain_pb2.StreamSynthesisRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_toolchain_pb2.StreamSynthesisResponse], _abc.AsyncIterator[_toolchain_pb2.StreamSynthesisResponse]]:
-        """StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-        synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-        When the model calls no tool there are no synthesis chunks and Done.text
-        is the tool phase text.
+        """StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+        per tool round, synthesis chunks, then exactly one terminal event (Done,
+        Cancel or StageError). When the last tool round made no call there are no
+        synthesis chunks and Done.text is that round's text.
         """
 
     @_abc_1.abstractmethod

@@ -141,10 +141,11 @@ export type StageRequest = Message<"toolchain.v1.StageRequest"> & {
    * then its valid calls executed. After a round with calls, the next round
    * sends the model every result so far, with the tools still offered, so it
    * may call more; a round without calls ends the loop and its text is the
-   * answer (Done.text; no synthesis phase). When the last allowed round still
-   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-   * synthesis phase (tools not offered) on all results, tools-only RPCs end
-   * with that round's text. 1 is the classic two-phase stage.
+   * answer (Done.text; no synthesis phase). After the last allowed round,
+   * synthesis RPCs run the synthesis phase (tools not offered) on all
+   * results, tools-only RPCs end with that round's text; when max_rounds > 1
+   * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+   * classic two-phase stage (never "exhausted").
    *
    * @generated from field: optional int32 max_rounds = 9;
    */
@@ -186,7 +187,7 @@ export const StageRequestSchema: GenMessage<StageRequest> = /*@__PURE__*/
  */
 export type ToolChoice = Message<"toolchain.v1.ToolChoice"> & {
   /**
-   * Exactly one is set.
+   * Exactly one is set (a ToolChoice with neither is INVALID_ARGUMENT).
    *
    * @generated from oneof toolchain.v1.ToolChoice.choice
    */
@@ -282,16 +283,17 @@ export type RunToolsResponse = Message<"toolchain.v1.RunToolsResponse"> & {
   stageId: string;
 
   /**
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    *
    * @generated from field: repeated toolchain.v1.ToolCallResult tool_results = 2;
    */
   toolResults: ToolCallResult[];
 
   /**
-   * Text the model wrote in the tool phase besides its tool calls (often
-   * empty; the answer itself when the model called no tool).
+   * Text the model wrote in the last tool round besides its tool calls (often
+   * empty; the answer itself when that round made no call).
    *
    * @generated from field: string text = 3;
    */
@@ -314,7 +316,8 @@ export type RunToolsResponse = Message<"toolchain.v1.RunToolsResponse"> & {
   toolRounds: PhaseStats[];
 
   /**
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds > 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    *
    * @generated from field: bool rounds_exhausted = 6;
    */
@@ -371,15 +374,16 @@ export type RunSynthesisResponse = Message<"toolchain.v1.RunSynthesisResponse"> 
   stageId: string;
 
   /**
-   * The final answer: the synthesis text, or the tool phase text when the
-   * model called no tool.
+   * The final answer: the synthesis text, or the text of the last tool round
+   * when it made no call.
    *
    * @generated from field: string text = 2;
    */
   text: string;
 
   /**
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    *
    * @generated from field: repeated toolchain.v1.ToolCallResult tool_results = 3;
    */
@@ -408,7 +412,8 @@ export type RunSynthesisResponse = Message<"toolchain.v1.RunSynthesisResponse"> 
   toolRounds: PhaseStats[];
 
   /**
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds > 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    *
    * @generated from field: bool rounds_exhausted = 7;
    */
@@ -928,7 +933,8 @@ export type Done = Message<"toolchain.v1.Done"> & {
   toolRounds: PhaseStats[];
 
   /**
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds > 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    *
    * @generated from field: bool rounds_exhausted = 5;
    */
@@ -1397,7 +1403,8 @@ export const ToolchainService: GenService<{
   },
   /**
    * StreamTools streams the tool phase: chunks as the model produces them, one
-   * ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+   * ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+   * or StageError).
    *
    * @generated from rpc toolchain.v1.ToolchainService.StreamTools
    */
@@ -1407,10 +1414,10 @@ export const ToolchainService: GenService<{
     output: typeof StreamToolsResponseSchema;
   },
   /**
-   * StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-   * synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-   * When the model calls no tool there are no synthesis chunks and Done.text
-   * is the tool phase text.
+   * StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+   * per tool round, synthesis chunks, then exactly one terminal event (Done,
+   * Cancel or StageError). When the last tool round made no call there are no
+   * synthesis chunks and Done.text is that round's text.
    *
    * @generated from rpc toolchain.v1.ToolchainService.StreamSynthesis
    */

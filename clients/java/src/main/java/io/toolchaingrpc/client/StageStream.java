@@ -36,11 +36,19 @@ import java.util.function.Supplier;
  * <ul>
  *   <li>{@code sequence} is 0, 1, 2, ... without gaps;
  *   <li>every {@code stage_id} is non-empty and the same;
- *   <li>exactly one event is set in each StageEvent; at most one ToolSummary, after the tool
- *       phase chunks and before the synthesis chunks; Done comes after the ToolSummary;
+ *   <li>exactly one event is set in each StageEvent;
+ *   <li>the tool rounds in order ({@code StageRequest.max_rounds}): for each round r = 1, 2, 3,
+ *       ... tool phase chunks with {@code round} r, then one ToolSummary with {@code round} r;
+ *       then synthesis chunks (StreamSynthesis only) with {@code round} k + 1 after the last
+ *       round k; no tool chunk or ToolSummary once a synthesis chunk arrived; Done only after at
+ *       least one ToolSummary;
  *   <li>exactly one terminal event, and it is the last;
  *   <li>Done ends with OK, Cancel with CANCELLED or DEADLINE_EXCEEDED, StageError with its code.
  * </ul>
+ *
+ * <p>A server from before tool rounds sends {@code round} 0 on every event. When the first chunk
+ * or ToolSummary has round 0, the stream must keep to round 0 and to at most one ToolSummary
+ * (the rules of that older contract); mixing 0 with numbered rounds is a violation.
  *
  * <p>Not thread-safe, except {@link #cancel()}, which any thread may call. Close it (or use
  * try-with-resources) to cancel a stream that is not read to its end.
@@ -54,8 +62,17 @@ import java.util.function.Supplier;
  */
 public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
 
+  /** How a stream numbers its tool rounds; its first chunk or ToolSummary decides. */
+  private enum Numbering {
+    UNKNOWN,
+    NUMBERED,
+    /** Round 0 throughout: a server from before tool rounds. */
+    NONE
+  }
+
   private final Context.CancellableContext context;
   private final Iterator<StageEvent> source;
+  private final boolean synthesis;
   private volatile boolean cancelledHere;
   private boolean iterated;
 
@@ -63,21 +80,28 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
   private String stageId = "";
   private StageEvent pending;
   private StageEvent terminal;
-  private ToolSummary summary;
+  private Numbering numbering = Numbering.UNKNOWN;
+  private final List<ToolSummary> summaries = new ArrayList<>();
+  private boolean synthesisStarted;
   private boolean ended;
   private RuntimeException failure;
-  private final SortedMap<Integer, ToolCall> toolCalls = new TreeMap<>();
-  private final StringBuilder toolText = new StringBuilder();
+  /** By round, then by index: indexes start at 0 in every round. */
+  private final SortedMap<Integer, SortedMap<Integer, ToolCall>> toolCalls = new TreeMap<>();
+  private final SortedMap<Integer, StringBuilder> toolText = new TreeMap<>();
   private final StringBuilder synthesisText = new StringBuilder();
 
-  private StageStream(Context.CancellableContext context, Iterator<StageEvent> source) {
+  private StageStream(Context.CancellableContext context, Iterator<StageEvent> source, boolean synthesis) {
     this.context = context;
     this.source = source;
+    this.synthesis = synthesis;
   }
 
-  /** Starts a call in its own cancellable context; {@code start} makes the call. */
+  /**
+   * Starts a call in its own cancellable context; {@code start} makes the call. {@code synthesis}:
+   * a StreamSynthesis call, whose synthesis chunks are allowed.
+   */
   static <T> StageStream start(
-      Supplier<Iterator<T>> start, java.util.function.Function<T, StageEvent> event) {
+      Supplier<Iterator<T>> start, java.util.function.Function<T, StageEvent> event, boolean synthesis) {
     Context.CancellableContext context = Context.current().withCancellation();
     Iterator<T> responses;
     try {
@@ -101,7 +125,7 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
             return event.apply(responses.next());
           }
         };
-    return new StageStream(context, events);
+    return new StageStream(context, events, synthesis);
   }
 
   /** The single iterator over this stream's events (a stream can be read once). */
@@ -160,9 +184,22 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
     return stageId;
   }
 
-  /** The ToolSummary event, once it arrived. */
+  /**
+   * The last ToolSummary event so far: the only one unless the stage has several tool rounds
+   * (see {@link #toolSummaries()}).
+   */
   public Optional<ToolSummary> toolSummary() {
-    return Optional.ofNullable(summary);
+    return summaries.isEmpty() ? Optional.empty() : Optional.of(summaries.get(summaries.size() - 1));
+  }
+
+  /** The ToolSummary events so far, one per ended tool round, in order. */
+  public List<ToolSummary> toolSummaries() {
+    return List.copyOf(summaries);
+  }
+
+  /** The number of tool rounds that have ended (ToolSummary events so far). */
+  public int rounds() {
+    return summaries.size();
   }
 
   /** The Done event, once it arrived. */
@@ -170,18 +207,35 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
     return terminal != null && terminal.hasDone() ? Optional.of(terminal.getDone()) : Optional.empty();
   }
 
-  /** The tool calls of the tool phase so far, assembled from the chunks' deltas, by index. */
+  /**
+   * The tool calls of the tool phase so far, of every round, assembled from the chunks' deltas,
+   * by round, then by index.
+   */
   public List<ToolCall> toolCalls() {
-    return List.copyOf(new ArrayList<>(toolCalls.values()));
+    List<ToolCall> all = new ArrayList<>();
+    toolCalls.values().forEach(calls -> all.addAll(calls.values()));
+    return List.copyOf(all);
   }
 
-  /** The text content streamed so far by {@code phase}. */
+  /** The tool calls of one tool round so far, by index. */
+  public List<ToolCall> toolCalls(int round) {
+    SortedMap<Integer, ToolCall> calls = toolCalls.get(round);
+    return calls == null ? List.of() : List.copyOf(calls.values());
+  }
+
+  /** The text content streamed so far by {@code phase} (the tool phase: of every round). */
   public String content(Phase phase) {
     return switch (phase) {
-      case PHASE_TOOL -> toolText.toString();
+      case PHASE_TOOL -> String.join("", toolText.values());
       case PHASE_SYNTHESIS -> synthesisText.toString();
       default -> "";
     };
+  }
+
+  /** The tool phase text streamed so far by one tool round. */
+  public String toolContent(int round) {
+    StringBuilder text = toolText.get(round);
+    return text == null ? "" : text.toString();
   }
 
   /** Whether the stream has ended (its final status was read). */
@@ -249,15 +303,19 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
       throw violation("event " + event.getSequence() + " has stage_id " + event.getStageId() + ", earlier events " + stageId);
     }
     switch (event.getEventCase()) {
-      case CHUNK -> checkChunk(event.getChunk());
+      case CHUNK -> checkChunk(event);
       case TOOL_SUMMARY -> {
-        if (summary != null) {
-          throw violation("a second ToolSummary (event " + event.getSequence() + ")");
+        if (synthesisStarted) {
+          throw violation("a ToolSummary (event " + event.getSequence() + ") after the synthesis phase started");
         }
-        summary = event.getToolSummary();
+        if (numbering == Numbering.NONE && !summaries.isEmpty()) {
+          throw violation("a second ToolSummary (event " + event.getSequence() + ") in a stream without round numbers");
+        }
+        checkRound("ToolSummary (event " + event.getSequence() + ")", event.getToolSummary().getRound());
+        summaries.add(event.getToolSummary());
       }
       case DONE -> {
-        if (summary == null) {
+        if (summaries.isEmpty()) {
           throw violation("Done without a ToolSummary before it");
         }
         terminal = event;
@@ -268,35 +326,67 @@ public final class StageStream implements Iterable<StageEvent>, AutoCloseable {
     nextSequence++;
   }
 
-  private void checkChunk(Chunk chunk) {
+  // Tool events carry the round in progress (summaries so far + 1), synthesis chunks the last
+  // round + 1: both are rounds() + 1. Round 0 on the first of them: a server without rounds.
+  private void checkRound(String what, int round) {
+    if (numbering == Numbering.UNKNOWN) {
+      numbering = round == 0 ? Numbering.NONE : Numbering.NUMBERED;
+    }
+    if (numbering == Numbering.NONE) {
+      if (round != 0) {
+        throw violation(what + " has round " + round + " in a stream whose earlier events had round 0");
+      }
+      return;
+    }
+    int due = summaries.size() + 1;
+    if (round != due) {
+      throw violation(what + " has round " + round + " where round " + due + " was due");
+    }
+  }
+
+  private void checkChunk(StageEvent event) {
+    Chunk chunk = event.getChunk();
+    String what = chunk.getPhase() == Phase.PHASE_SYNTHESIS ? "a synthesis chunk" : "a tool phase chunk";
+    what += " (event " + event.getSequence() + ")";
     switch (chunk.getPhase()) {
       case PHASE_TOOL -> {
-        if (summary != null) {
-          throw violation("a tool phase chunk after the ToolSummary");
+        if (synthesisStarted) {
+          throw violation(what + " after the synthesis phase started");
         }
-        toolText.append(chunk.getContent());
+        if (numbering == Numbering.NONE && !summaries.isEmpty()) {
+          throw violation(what + " after the ToolSummary");
+        }
+        checkRound(what, chunk.getRound());
+        toolText.computeIfAbsent(chunk.getRound(), r -> new StringBuilder()).append(chunk.getContent());
+        SortedMap<Integer, ToolCall> calls = toolCalls.computeIfAbsent(chunk.getRound(), r -> new TreeMap<>());
         for (ToolCallDelta d : chunk.getToolCallsList()) {
-          ToolCall call = toolCalls.get(d.getIndex());
+          ToolCall call = calls.get(d.getIndex());
           if (call == null) {
-            toolCalls.put(d.getIndex(), new ToolCall(d.getIndex(), d.getId(), d.getName(), d.getArgumentsFragment()));
+            calls.put(d.getIndex(), new ToolCall(d.getIndex(), d.getId(), d.getName(), d.getArgumentsFragment(), chunk.getRound()));
           } else {
-            toolCalls.put(
+            calls.put(
                 d.getIndex(),
                 new ToolCall(
                     call.index(),
                     call.id().isEmpty() ? d.getId() : call.id(),
                     call.name().isEmpty() ? d.getName() : call.name(),
-                    call.arguments() + d.getArgumentsFragment()));
+                    call.arguments() + d.getArgumentsFragment(),
+                    call.round()));
           }
         }
       }
       case PHASE_SYNTHESIS -> {
-        if (summary == null) {
-          throw violation("a synthesis chunk before the ToolSummary");
+        if (!synthesis) {
+          throw violation(what + " in a StreamTools stream");
         }
+        if (summaries.isEmpty()) {
+          throw violation(what + " before the ToolSummary");
+        }
+        checkRound(what, chunk.getRound());
+        synthesisStarted = true;
         synthesisText.append(chunk.getContent());
       }
-      default -> throw violation("a chunk with phase " + chunk.getPhase());
+      default -> throw violation("a chunk (event " + event.getSequence() + ") with phase " + chunk.getPhase());
     }
   }
 

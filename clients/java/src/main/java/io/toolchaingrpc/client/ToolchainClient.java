@@ -100,13 +100,13 @@ public final class ToolchainClient implements AutoCloseable {
   /** StreamTools: the tool phase's events, checked. Close the stream to cancel it. */
   public StageStream streamTools(StageRequest stage) {
     StreamToolsRequest request = StreamToolsRequest.newBuilder().setStage(stage).build();
-    return StageStream.start(() -> stub().streamTools(request), StreamToolsResponse::getEvent);
+    return StageStream.start(() -> stub().streamTools(request), StreamToolsResponse::getEvent, false);
   }
 
   /** StreamSynthesis: the events of both phases, checked. Close the stream to cancel it. */
   public StageStream streamSynthesis(StageRequest stage) {
     StreamSynthesisRequest request = StreamSynthesisRequest.newBuilder().setStage(stage).build();
-    return StageStream.start(() -> stub().streamSynthesis(request), StreamSynthesisResponse::getEvent);
+    return StageStream.start(() -> stub().streamSynthesis(request), StreamSynthesisResponse::getEvent, true);
   }
 
   /** CancelStage: cancels the running stage {@code stageId}, started on any connection. */

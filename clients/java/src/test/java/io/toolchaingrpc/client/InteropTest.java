@@ -26,8 +26,11 @@ import io.toolchaingrpc.toolchain.v1.StageEvent;
 import io.toolchaingrpc.toolchain.v1.StageRequest;
 import io.toolchaingrpc.toolchain.v1.Tool;
 import io.toolchaingrpc.toolchain.v1.ToolCallResult;
+import io.toolchaingrpc.toolchain.v1.ToolChoice;
+import io.toolchaingrpc.toolchain.v1.ToolChoiceMode;
 import io.toolchaingrpc.toolchain.v1.ToolOutcome;
 import io.toolchaingrpc.toolchain.v1.ToolSummary;
+import io.toolchaingrpc.toolchain.v1.Usage;
 import java.net.URI;
 import java.net.URLEncoder;
 import java.net.http.HttpClient;
@@ -276,6 +279,237 @@ class InteropTest {
       assertEquals("Hello from the fake model.", done.getText());
       assertEquals("Hello from the fake model.", stream.content(Phase.PHASE_TOOL));
       assertFalse(done.hasSynthesisPhase());
+    }
+  }
+
+  // Tool rounds: the [rounds3] scenario, one calculator call per round, then the text answer.
+  static final String ROUNDS3 = "What is 6*7 in three steps? [rounds3]";
+  static final String ROUNDS_ANSWER = "After three rounds: 42.";
+  /** The call of each round: id, expression, result. */
+  static final List<List<Object>> ROUND_CALLS = List.of(
+      List.of("call_r1", "1+1", 2.0), List.of("call_r2", "2*3", 6.0), List.of("call_r3", "6*7", 42.0));
+
+  static StageRequest rounds(int maxRounds) {
+    return stage(ROUNDS3).toBuilder().setMaxRounds(maxRounds).build();
+  }
+
+  /** The one call of round {@code round} (from 1). */
+  static void assertRoundResult(ToolCallResult r, int round) {
+    List<Object> want = ROUND_CALLS.get(round - 1);
+    assertEquals(round, r.getRound(), r::toString);
+    assertEquals("calculator", r.getToolName());
+    assertEquals(want.get(0), r.getCallId());
+    assertEquals(ToolOutcome.TOOL_OUTCOME_OK, r.getOutcome(), r::toString);
+    assertEquals("", r.getError());
+    assertFalse(r.getTruncated());
+    assertEquals(want.get(1), json(r.getArguments()).getFieldsOrThrow("expression").getStringValue());
+    assertTrue(r.getResult().hasStructValue(), r::toString);
+    assertEquals(want.get(2), r.getResult().getStructValue().getFieldsOrThrow("result").getNumberValue(), r::toString);
+  }
+
+  /** The results of rounds 1..n, one per round. */
+  static void assertRoundResults(List<ToolCallResult> results, int n) {
+    assertEquals(n, results.size(), results::toString);
+    for (int i = 0; i < n; i++) {
+      assertRoundResult(results.get(i), i + 1);
+    }
+  }
+
+  /** Each round's summary: round r, with the one call of round r (rounds 1..withCalls). */
+  static void assertSummaries(StageStream stream, int n, int withCalls) {
+    List<ToolSummary> summaries = stream.toolSummaries();
+    assertEquals(n, summaries.size(), summaries::toString);
+    assertEquals(n, stream.rounds());
+    for (int i = 0; i < n; i++) {
+      ToolSummary s = summaries.get(i);
+      assertEquals(i + 1, s.getRound(), s::toString);
+      if (i < withCalls) {
+        assertEquals(1, s.getResultsCount(), s::toString);
+        assertRoundResult(s.getResults(0), i + 1);
+      } else {
+        assertEquals(0, s.getResultsCount(), s::toString);
+      }
+    }
+    List<ToolCall> calls = stream.toolCalls();
+    assertEquals(withCalls, calls.size(), calls::toString);
+    for (int i = 0; i < withCalls; i++) {
+      ToolCall c = calls.get(i);
+      assertEquals(i + 1, c.round(), c::toString);
+      assertEquals(0, c.index(), c::toString);
+      assertEquals(ROUND_CALLS.get(i).get(0), c.id());
+      assertEquals(ROUND_CALLS.get(i).get(1), json(c.arguments()).getFieldsOrThrow("expression").getStringValue());
+    }
+  }
+
+  static Usage plus(Usage a, Usage b) {
+    return Usage.newBuilder()
+        .setPromptTokens(a.getPromptTokens() + b.getPromptTokens())
+        .setCompletionTokens(a.getCompletionTokens() + b.getCompletionTokens())
+        .setTotalTokens(a.getTotalTokens() + b.getTotalTokens())
+        .build();
+  }
+
+  /**
+   * Per-round statistics (rounds 1..n, each with usage), the whole tool phase (round 0, usage
+   * summed, the last round's finish reason), total_usage (every model call, the synthesis phase's
+   * too when there was one).
+   */
+  static void assertRoundStats(List<PhaseStats> toolRounds, PhaseStats toolPhase, PhaseStats synthesis, Usage total, boolean hasTotal) {
+    int n = toolRounds.size();
+    Usage sum = Usage.getDefaultInstance();
+    for (int i = 0; i < n; i++) {
+      assertEquals(i + 1, toolRounds.get(i).getRound(), toolRounds::toString);
+      assertUsage(toolRounds.get(i));
+      sum = plus(sum, toolRounds.get(i).getUsage());
+    }
+    // A whole phase is round 0; a phase of one round may carry 1.
+    assertTrue(toolPhase.getRound() == 0 || (n == 1 && toolPhase.getRound() == 1), toolPhase::toString);
+    assertEquals(toolRounds.get(n - 1).getFinishReason(), toolPhase.getFinishReason(), "tool_phase: the last round's finish reason");
+    assertEquals(sum, toolPhase.getUsage(), "tool_phase usage: the rounds' summed");
+    if (synthesis != null) {
+      assertUsage(synthesis);
+      sum = plus(sum, synthesis.getUsage());
+    }
+    assertTrue(hasTotal, "no total_usage");
+    assertEquals(sum, total, "total_usage: every model call's summed");
+  }
+
+  /** Each chunk's round: tool chunks the round in progress, synthesis chunks {@code synthesisRound}. */
+  static void assertChunkRounds(List<StageEvent> events, int synthesisRound) {
+    int round = 1;
+    for (StageEvent e : events) {
+      if (e.hasToolSummary()) {
+        round++;
+      } else if (e.hasChunk()) {
+        int want = e.getChunk().getPhase() == Phase.PHASE_SYNTHESIS ? synthesisRound : round;
+        assertEquals(want, e.getChunk().getRound(), e::toString);
+      }
+    }
+  }
+
+  @Test
+  void streamSynthesisThreeRounds() {
+    List<StageEvent> events = new ArrayList<>();
+    try (StageStream stream = plain.streamSynthesis(rounds(3))) {
+      stream.forEach(events::add);
+      assertSummaries(stream, 3, 3);
+      assertChunkRounds(events, 4);
+      assertTrue(events.stream().anyMatch(e -> e.hasChunk() && e.getChunk().getPhase() == Phase.PHASE_SYNTHESIS));
+      assertEquals(ROUNDS_ANSWER, stream.content(Phase.PHASE_SYNTHESIS));
+      Done done = stream.done().orElseThrow();
+      assertEquals(ROUNDS_ANSWER, done.getText());
+      assertTrue(done.getRoundsExhausted());
+      assertTrue(done.hasSynthesisPhase());
+      assertRoundStats(done.getToolRoundsList(), done.getToolPhase(), done.getSynthesisPhase(), done.getTotalUsage(), done.hasTotalUsage());
+      assertEquals(3, done.getToolRoundsCount());
+    }
+  }
+
+  @Test
+  void runSynthesisThreeRounds() {
+    RunSynthesisResponse r = plain.runSynthesis(rounds(3));
+    assertRoundResults(r.getToolResultsList(), 3);
+    assertEquals(ROUNDS_ANSWER, r.getText());
+    assertTrue(r.getRoundsExhausted());
+    assertTrue(r.hasSynthesisPhase());
+    assertEquals(3, r.getToolRoundsCount());
+    assertRoundStats(r.getToolRoundsList(), r.getToolPhase(), r.getSynthesisPhase(), r.getTotalUsage(), r.hasTotalUsage());
+  }
+
+  @Test
+  void streamToolsThreeRounds() {
+    List<StageEvent> events = new ArrayList<>();
+    try (StageStream stream = plain.streamTools(rounds(3))) {
+      stream.forEach(events::add);
+      assertSummaries(stream, 3, 3);
+      assertChunkRounds(events, -1);
+      Done done = stream.done().orElseThrow();
+      assertTrue(done.getRoundsExhausted());
+      assertEquals("", done.getText());
+      assertFalse(done.hasSynthesisPhase());
+      assertEquals(3, done.getToolRoundsCount());
+      assertRoundStats(done.getToolRoundsList(), done.getToolPhase(), null, done.getTotalUsage(), done.hasTotalUsage());
+    }
+  }
+
+  @Test
+  void streamToolsFourRounds() {
+    List<StageEvent> events = new ArrayList<>();
+    try (StageStream stream = plain.streamTools(rounds(4))) {
+      stream.forEach(events::add);
+      assertSummaries(stream, 4, 3);
+      assertChunkRounds(events, -1);
+      assertEquals(ROUNDS_ANSWER, stream.toolContent(4));
+      assertTrue(events.stream().noneMatch(e -> e.hasChunk() && e.getChunk().getPhase() != Phase.PHASE_TOOL));
+      Done done = stream.done().orElseThrow();
+      assertFalse(done.getRoundsExhausted());
+      assertEquals(ROUNDS_ANSWER, done.getText());
+      assertFalse(done.hasSynthesisPhase());
+      assertEquals(4, done.getToolRoundsCount());
+      assertRoundStats(done.getToolRoundsList(), done.getToolPhase(), null, done.getTotalUsage(), done.hasTotalUsage());
+    }
+  }
+
+  @Test
+  void runToolsFourRounds() {
+    RunToolsResponse r = plain.runTools(rounds(4));
+    assertRoundResults(r.getToolResultsList(), 3);
+    assertEquals(ROUNDS_ANSWER, r.getText());
+    assertFalse(r.getRoundsExhausted());
+    assertEquals(4, r.getToolRoundsCount());
+    assertRoundStats(r.getToolRoundsList(), r.getToolPhase(), null, r.getTotalUsage(), r.hasTotalUsage());
+  }
+
+  @Test
+  void defaultIsOneRound() {
+    List<StageEvent> events = new ArrayList<>();
+    try (StageStream stream = plain.streamSynthesis(stage(ROUNDS3))) {
+      stream.forEach(events::add);
+      assertSummaries(stream, 1, 1);
+      assertChunkRounds(events, 2);
+      Done done = stream.done().orElseThrow();
+      assertEquals(ROUNDS_ANSWER, done.getText());
+      // One round is the classic stage: never "exhausted" (StageRequest.max_rounds).
+      assertFalse(done.getRoundsExhausted(), done::toString);
+      assertEquals(1, done.getToolRoundsCount());
+      assertRoundStats(done.getToolRoundsList(), done.getToolPhase(), done.getSynthesisPhase(), done.getTotalUsage(), done.hasTotalUsage());
+    }
+  }
+
+  @Test
+  void toolChoiceNone() {
+    StageRequest request = stage("What is 6*7? [calc]").toBuilder()
+        .setToolChoice(ToolChoice.newBuilder().setMode(ToolChoiceMode.TOOL_CHOICE_MODE_NONE))
+        .build();
+    try (StageStream stream = plain.streamSynthesis(request)) {
+      Done done = stream.result();
+      assertSummaries(stream, 1, 0);
+      assertEquals("The answer is 42.", stream.toolContent(1));
+      assertEquals("", stream.content(Phase.PHASE_SYNTHESIS));
+      assertEquals("The answer is 42.", done.getText());
+      assertFalse(done.hasSynthesisPhase());
+      assertFalse(done.getRoundsExhausted());
+    }
+    RunToolsResponse r = plain.runTools(request);
+    assertEquals(0, r.getToolResultsCount());
+    assertEquals("The answer is 42.", r.getText());
+  }
+
+  @Test
+  void invalidMaxRounds() {
+    for (int maxRounds : new int[] {0, 1000}) {
+      List<ToolchainException> errors = new ArrayList<>();
+      errors.add(assertThrows(ToolchainException.class, () -> plain.runSynthesis(rounds(maxRounds))));
+      try (StageStream stream = plain.streamTools(rounds(maxRounds))) {
+        errors.add(assertThrows(ToolchainException.class, stream::result));
+      }
+      for (ToolchainException e : errors) {
+        known(e);
+        assertEquals(Status.Code.INVALID_ARGUMENT, e.code(), e::toString);
+        assertEquals(ErrorReason.INVALID_REQUEST, e.errorReason().orElseThrow());
+        assertEquals(List.of("stage.max_rounds"), e.fieldViolations().stream().map(FieldViolation::field).toList(), e::toString);
+        assertFalse(e.fieldViolations().get(0).description().isEmpty());
+      }
     }
   }
 

@@ -29,6 +29,8 @@ import io.toolchaingrpc.toolchain.v1.StageEvent;
 import io.toolchaingrpc.toolchain.v1.StageRequest;
 import io.toolchaingrpc.toolchain.v1.StreamSynthesisRequest;
 import io.toolchaingrpc.toolchain.v1.StreamSynthesisResponse;
+import io.toolchaingrpc.toolchain.v1.StreamToolsRequest;
+import io.toolchaingrpc.toolchain.v1.StreamToolsResponse;
 import io.toolchaingrpc.toolchain.v1.ToolCallDelta;
 import io.toolchaingrpc.toolchain.v1.ToolSummary;
 import io.toolchaingrpc.toolchain.v1.ToolchainServiceGrpc;
@@ -78,28 +80,61 @@ class StageStreamTest {
     }
 
     @Override
+    public void streamTools(StreamToolsRequest request, StreamObserver<StreamToolsResponse> out) {
+      Script s = script;
+      for (StageEvent e : s.events) {
+        out.onNext(StreamToolsResponse.newBuilder().setEvent(e).build());
+      }
+      if (s.end == null) {
+        out.onCompleted();
+      } else {
+        out.onError(s.end);
+      }
+    }
+
+    @Override
     public void listTools(ListToolsRequest request, StreamObserver<ListToolsResponse> out) {
       out.onError(script.end);
     }
   }
 
-  // Events builders: sequence numbers are given explicitly so that tests can break them.
+  // Events builders: sequence numbers are given explicitly so that tests can break them. Without
+  // a round, a tool chunk or summary is of round 1, a synthesis chunk of round 2.
   static StageEvent.Builder ev(int seq) {
     return StageEvent.newBuilder().setStageId("s1").setSequence(seq);
   }
 
   static StageEvent toolChunk(int seq, String args) {
-    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_TOOL)
+    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_TOOL).setRound(1)
         .addToolCalls(ToolCallDelta.newBuilder().setIndex(0).setId(seq == 0 ? "c" : "").setName(seq == 0 ? "calculator" : "")
             .setArgumentsFragment(args))).build();
   }
 
+  /** A tool phase chunk of {@code round} with text. */
+  static StageEvent tool(int seq, int round, String text) {
+    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_TOOL).setRound(round).setContent(text)).build();
+  }
+
+  /** A tool phase chunk of {@code round} that starts call {@code id} (index 0) with its arguments. */
+  static StageEvent call(int seq, int round, String id, String args) {
+    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_TOOL).setRound(round)
+        .addToolCalls(ToolCallDelta.newBuilder().setIndex(0).setId(id).setName("calculator").setArgumentsFragment(args))).build();
+  }
+
   static StageEvent summary(int seq) {
-    return ev(seq).setToolSummary(ToolSummary.getDefaultInstance()).build();
+    return summary(seq, 1);
+  }
+
+  static StageEvent summary(int seq, int round) {
+    return ev(seq).setToolSummary(ToolSummary.newBuilder().setRound(round)).build();
   }
 
   static StageEvent synthesis(int seq, String text) {
-    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_SYNTHESIS).setContent(text)).build();
+    return synthesis(seq, 2, text);
+  }
+
+  static StageEvent synthesis(int seq, int round, String text) {
+    return ev(seq).setChunk(Chunk.newBuilder().setPhase(Phase.PHASE_SYNTHESIS).setRound(round).setContent(text)).build();
   }
 
   static StageEvent done(int seq) {
@@ -148,10 +183,21 @@ class StageStreamTest {
     return client.streamSynthesis(StageRequest.newBuilder().setUserPrompt("x").build());
   }
 
+  static StageStream runTools(Script s) {
+    script = s;
+    return client.streamTools(StageRequest.newBuilder().setUserPrompt("x").build());
+  }
+
   static StreamInvariantException violation(List<StageEvent> events, StatusRuntimeException end) {
     try (StageStream stream = run(new Script(events, end))) {
       return assertThrows(StreamInvariantException.class, stream::result);
     }
+  }
+
+  /** A StreamSynthesis stream of {@code events} ending OK breaks the contract, saying {@code problem}. */
+  static void assertViolation(String problem, StageEvent... events) {
+    String message = violation(List.of(events), null).getMessage();
+    assertTrue(message.contains(problem), () -> "\"" + message + "\" does not say \"" + problem + "\"");
   }
 
   @Test
@@ -163,12 +209,156 @@ class StageStreamTest {
       stream.forEach(seen::add);
       assertEquals(6, seen.size());
       assertEquals("ok", stream.done().orElseThrow().getText());
-      assertEquals(List.of(new ToolCall(0, "c", "calculator", "{\"expression\": \"6*7\"}")), stream.toolCalls());
+      assertEquals(List.of(new ToolCall(0, "c", "calculator", "{\"expression\": \"6*7\"}", 1)), stream.toolCalls());
+      assertEquals(1, stream.rounds());
       assertEquals("42", stream.content(Phase.PHASE_SYNTHESIS));
       assertEquals("s1", stream.stageId());
       assertTrue(stream.isEnded());
       assertThrows(IllegalStateException.class, stream::iterator);
     }
+  }
+
+  // Tool rounds.
+
+  @Test
+  void threeRoundsThenSynthesis() {
+    List<Integer> rounds = new ArrayList<>();
+    try (StageStream stream = run(new Script(
+        List.of(call(0, 1, "r1", "{\"e\": 1}"), tool(1, 1, "one"), summary(2, 1), call(3, 2, "r2", "{\"e\": 2}"), summary(4, 2),
+            summary(5, 3), synthesis(6, 4, "After three "), synthesis(7, 4, "rounds."), done(8)),
+        null))) {
+      for (StageEvent e : stream) {
+        rounds.add(stream.rounds());
+      }
+      assertEquals(List.of(0, 0, 1, 1, 2, 3, 3, 3, 3), rounds);
+      assertEquals(List.of(1, 2, 3), stream.toolSummaries().stream().map(ToolSummary::getRound).toList());
+      assertEquals(3, stream.toolSummary().orElseThrow().getRound());
+      assertEquals(
+          List.of(new ToolCall(0, "r1", "calculator", "{\"e\": 1}", 1), new ToolCall(0, "r2", "calculator", "{\"e\": 2}", 2)),
+          stream.toolCalls());
+      assertEquals(List.of(new ToolCall(0, "r2", "calculator", "{\"e\": 2}", 2)), stream.toolCalls(2));
+      assertEquals(List.of(), stream.toolCalls(3));
+      assertEquals("one", stream.toolContent(1));
+      assertEquals("", stream.toolContent(2));
+      assertEquals("After three rounds.", stream.content(Phase.PHASE_SYNTHESIS));
+    }
+  }
+
+  @Test
+  void toolRoundsInStreamTools() {
+    try (StageStream stream = runTools(new Script(
+        List.of(tool(0, 1, "a"), summary(1, 1), tool(2, 2, "b"), summary(3, 2), tool(4, 3, "c"), summary(5, 3), done(6)),
+        null))) {
+      assertEquals("ok", stream.result().getText());
+      assertEquals(3, stream.rounds());
+      assertEquals("abc", stream.content(Phase.PHASE_TOOL));
+      assertEquals("c", stream.toolContent(3));
+    }
+  }
+
+  @Test
+  void stageErrorInTheSecondRound() {
+    try (StageStream stream = run(new Script(
+        List.of(tool(0, 1, "a"), summary(1, 1), tool(2, 2, "b"), ev(3).setError(unavailable(3)).build()),
+        unavailableStatus(3)))) {
+      ToolchainException e = assertThrows(ToolchainException.class, stream::result);
+      assertEquals(Status.Code.UNAVAILABLE, e.code());
+      assertEquals(1, stream.rounds());
+      assertTrue(stream.done().isEmpty());
+    }
+  }
+
+  @Test
+  void serverWithoutRoundNumbers() {
+    try (StageStream stream = run(new Script(List.of(tool(0, 0, "a"), summary(1, 0), synthesis(2, 0, "b"), done(3)), null))) {
+      assertEquals("ok", stream.result().getText());
+      assertEquals(1, stream.rounds());
+    }
+    try (StageStream stream = runTools(new Script(List.of(tool(0, 0, "a"), summary(1, 0), done(2)), null))) {
+      assertEquals("ok", stream.result().getText());
+    }
+  }
+
+  @Test
+  void summaryRoundRepeated() {
+    assertViolation("ToolSummary (event 1) has round 1 where round 2 was due", summary(0, 1), summary(1, 1), done(2));
+  }
+
+  @Test
+  void summaryRoundSkipped() {
+    assertViolation("ToolSummary (event 3) has round 3 where round 2 was due",
+        tool(0, 1, "a"), summary(1, 1), tool(2, 2, "b"), summary(3, 3), done(4));
+  }
+
+  @Test
+  void firstSummaryOfRound2() {
+    assertViolation("ToolSummary (event 0) has round 2 where round 1 was due", summary(0, 2), done(1));
+  }
+
+  @Test
+  void toolChunkOfTheEndedRound() {
+    assertViolation("tool phase chunk (event 1) has round 1 where round 2 was due", summary(0, 1), tool(1, 1, "b"), summary(2, 2), done(3));
+  }
+
+  @Test
+  void toolChunkOfTheNextRound() {
+    assertViolation("tool phase chunk (event 1) has round 2 where round 1 was due", tool(0, 1, "a"), tool(1, 2, "b"), summary(2, 1), done(3));
+  }
+
+  @Test
+  void toolChunkOfRound0AmongNumbered() {
+    assertViolation("tool phase chunk (event 2) has round 0 where round 2 was due",
+        tool(0, 1, "a"), summary(1, 1), tool(2, 0, "b"), summary(3, 2), done(4));
+  }
+
+  @Test
+  void toolChunkAfterSynthesisStarted() {
+    assertViolation("tool phase chunk (event 2) after the synthesis phase started",
+        summary(0, 1), synthesis(1, 2, "b"), tool(2, 2, "c"), summary(3, 2), done(4));
+  }
+
+  @Test
+  void summaryAfterSynthesisStarted() {
+    assertViolation("ToolSummary (event 2) after the synthesis phase started", summary(0, 1), synthesis(1, 2, "b"), summary(2, 2), done(3));
+  }
+
+  @Test
+  void synthesisChunkOfTheLastToolRound() {
+    assertViolation("synthesis chunk (event 2) has round 2 where round 3 was due", summary(0, 1), summary(1, 2), synthesis(2, 2, "b"), done(3));
+  }
+
+  @Test
+  void synthesisChunkInStreamTools() {
+    try (StageStream stream = runTools(new Script(List.of(summary(0, 1), synthesis(1, 2, "b"), done(2)), null))) {
+      StreamInvariantException e = assertThrows(StreamInvariantException.class, stream::result);
+      assertTrue(e.getMessage().contains("synthesis chunk (event 1) in a StreamTools stream"), e::getMessage);
+    }
+  }
+
+  @Test
+  void chunkWithoutPhase() {
+    assertViolation("with phase PHASE_UNSPECIFIED", ev(0).setChunk(Chunk.newBuilder().setRound(1)).build(), summary(1), done(2));
+  }
+
+  @Test
+  void round0ThenNumberedSummary() {
+    assertViolation("ToolSummary (event 1) has round 1 in a stream whose earlier events had round 0", tool(0, 0, "a"), summary(1, 1), done(2));
+  }
+
+  @Test
+  void round0ThenNumberedSynthesis() {
+    assertViolation("synthesis chunk (event 1) has round 1 in a stream whose earlier events had round 0",
+        summary(0, 0), synthesis(1, 1, "b"), done(2));
+  }
+
+  @Test
+  void round0AndASecondSummary() {
+    assertViolation("second ToolSummary (event 1) in a stream without round numbers", summary(0, 0), summary(1, 0), done(2));
+  }
+
+  @Test
+  void round0AndAToolChunkAfterTheSummary() {
+    assertViolation("tool phase chunk (event 1) after the ToolSummary", summary(0, 0), tool(1, 0, "b"), done(2));
   }
 
   @Test

@@ -254,7 +254,8 @@ private static final long serialVersionUID = 0L;
   private boolean roundsExhausted_ = false;
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 5;</code>
@@ -1584,7 +1585,8 @@ private static final long serialVersionUID = 0L;
     private boolean roundsExhausted_ ;
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 5;</code>
@@ -1596,7 +1598,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 5;</code>
@@ -1612,7 +1615,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 5;</code>

@@ -141,7 +141,8 @@ public interface DoneOrBuilder extends
 
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 5;</code>

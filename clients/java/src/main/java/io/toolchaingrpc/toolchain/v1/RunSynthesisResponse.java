@@ -109,8 +109,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object text_ = "";
   /**
    * <pre>
-   * The final answer: the synthesis text, or the tool phase text when the
-   * model called no tool.
+   * The final answer: the synthesis text, or the text of the last tool round
+   * when it made no call.
    * </pre>
    *
    * <code>string text = 2;</code>
@@ -131,8 +131,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * The final answer: the synthesis text, or the tool phase text when the
-   * model called no tool.
+   * The final answer: the synthesis text, or the text of the last tool round
+   * when it made no call.
    * </pre>
    *
    * <code>string text = 2;</code>
@@ -158,7 +158,8 @@ private static final long serialVersionUID = 0L;
   private java.util.List<io.toolchaingrpc.toolchain.v1.ToolCallResult> toolResults_;
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -169,7 +170,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -181,7 +183,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -192,7 +195,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -203,7 +207,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -358,7 +363,8 @@ private static final long serialVersionUID = 0L;
   private boolean roundsExhausted_ = false;
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 7;</code>
@@ -1128,8 +1134,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object text_ = "";
     /**
      * <pre>
-     * The final answer: the synthesis text, or the tool phase text when the
-     * model called no tool.
+     * The final answer: the synthesis text, or the text of the last tool round
+     * when it made no call.
      * </pre>
      *
      * <code>string text = 2;</code>
@@ -1149,8 +1155,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The final answer: the synthesis text, or the tool phase text when the
-     * model called no tool.
+     * The final answer: the synthesis text, or the text of the last tool round
+     * when it made no call.
      * </pre>
      *
      * <code>string text = 2;</code>
@@ -1171,8 +1177,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The final answer: the synthesis text, or the tool phase text when the
-     * model called no tool.
+     * The final answer: the synthesis text, or the text of the last tool round
+     * when it made no call.
      * </pre>
      *
      * <code>string text = 2;</code>
@@ -1189,8 +1195,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The final answer: the synthesis text, or the tool phase text when the
-     * model called no tool.
+     * The final answer: the synthesis text, or the text of the last tool round
+     * when it made no call.
      * </pre>
      *
      * <code>string text = 2;</code>
@@ -1204,8 +1210,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The final answer: the synthesis text, or the tool phase text when the
-     * model called no tool.
+     * The final answer: the synthesis text, or the text of the last tool round
+     * when it made no call.
      * </pre>
      *
      * <code>string text = 2;</code>
@@ -1236,7 +1242,8 @@ private static final long serialVersionUID = 0L;
 
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1250,7 +1257,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1264,7 +1272,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1278,7 +1287,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1299,7 +1309,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1317,7 +1328,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1337,7 +1349,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1358,7 +1371,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1376,7 +1390,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1394,7 +1409,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1413,7 +1429,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1430,7 +1447,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1447,7 +1465,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1458,7 +1477,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1472,7 +1492,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1487,7 +1508,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1498,7 +1520,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -1510,7 +1533,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -2172,7 +2196,8 @@ private static final long serialVersionUID = 0L;
     private boolean roundsExhausted_ ;
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 7;</code>
@@ -2184,7 +2209,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 7;</code>
@@ -2200,7 +2226,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 7;</code>

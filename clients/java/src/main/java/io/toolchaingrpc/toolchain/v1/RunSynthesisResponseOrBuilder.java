@@ -32,8 +32,8 @@ public interface RunSynthesisResponseOrBuilder extends
 
   /**
    * <pre>
-   * The final answer: the synthesis text, or the tool phase text when the
-   * model called no tool.
+   * The final answer: the synthesis text, or the text of the last tool round
+   * when it made no call.
    * </pre>
    *
    * <code>string text = 2;</code>
@@ -42,8 +42,8 @@ public interface RunSynthesisResponseOrBuilder extends
   java.lang.String getText();
   /**
    * <pre>
-   * The final answer: the synthesis text, or the tool phase text when the
-   * model called no tool.
+   * The final answer: the synthesis text, or the text of the last tool round
+   * when it made no call.
    * </pre>
    *
    * <code>string text = 2;</code>
@@ -54,7 +54,8 @@ public interface RunSynthesisResponseOrBuilder extends
 
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -63,7 +64,8 @@ public interface RunSynthesisResponseOrBuilder extends
       getToolResultsList();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -71,7 +73,8 @@ public interface RunSynthesisResponseOrBuilder extends
   io.toolchaingrpc.toolchain.v1.ToolCallResult getToolResults(int index);
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -79,7 +82,8 @@ public interface RunSynthesisResponseOrBuilder extends
   int getToolResultsCount();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -88,7 +92,8 @@ public interface RunSynthesisResponseOrBuilder extends
       getToolResultsOrBuilderList();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 3;</code>
@@ -199,7 +204,8 @@ public interface RunSynthesisResponseOrBuilder extends
 
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 7;</code>

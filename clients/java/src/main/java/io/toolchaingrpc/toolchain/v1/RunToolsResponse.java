@@ -109,8 +109,9 @@ private static final long serialVersionUID = 0L;
   private java.util.List<io.toolchaingrpc.toolchain.v1.ToolCallResult> toolResults_;
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -121,8 +122,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -134,8 +136,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -146,8 +149,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -158,8 +162,9 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -175,8 +180,8 @@ private static final long serialVersionUID = 0L;
   private volatile java.lang.Object text_ = "";
   /**
    * <pre>
-   * Text the model wrote in the tool phase besides its tool calls (often
-   * empty; the answer itself when the model called no tool).
+   * Text the model wrote in the last tool round besides its tool calls (often
+   * empty; the answer itself when that round made no call).
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -197,8 +202,8 @@ private static final long serialVersionUID = 0L;
   }
   /**
    * <pre>
-   * Text the model wrote in the tool phase besides its tool calls (often
-   * empty; the answer itself when the model called no tool).
+   * Text the model wrote in the last tool round besides its tool calls (often
+   * empty; the answer itself when that round made no call).
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -328,7 +333,8 @@ private static final long serialVersionUID = 0L;
   private boolean roundsExhausted_ = false;
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 6;</code>
@@ -1071,8 +1077,9 @@ private static final long serialVersionUID = 0L;
 
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1086,8 +1093,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1101,8 +1109,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1116,8 +1125,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1138,8 +1148,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1157,8 +1168,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1178,8 +1190,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1200,8 +1213,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1219,8 +1233,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1238,8 +1253,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1258,8 +1274,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1276,8 +1293,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1294,8 +1312,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1306,8 +1325,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1321,8 +1341,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1337,8 +1358,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1349,8 +1371,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1362,8 +1385,9 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * One result per tool call the model made, in the model's order. Calls that
-     * failed validation are listed with their outcome and were not executed.
+     * One result per tool call the model made, round by round, each round in the
+     * model's order. Calls that failed validation are listed with their outcome
+     * and were not executed.
      * </pre>
      *
      * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -1390,8 +1414,8 @@ private static final long serialVersionUID = 0L;
     private java.lang.Object text_ = "";
     /**
      * <pre>
-     * Text the model wrote in the tool phase besides its tool calls (often
-     * empty; the answer itself when the model called no tool).
+     * Text the model wrote in the last tool round besides its tool calls (often
+     * empty; the answer itself when that round made no call).
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -1411,8 +1435,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Text the model wrote in the tool phase besides its tool calls (often
-     * empty; the answer itself when the model called no tool).
+     * Text the model wrote in the last tool round besides its tool calls (often
+     * empty; the answer itself when that round made no call).
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -1433,8 +1457,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Text the model wrote in the tool phase besides its tool calls (often
-     * empty; the answer itself when the model called no tool).
+     * Text the model wrote in the last tool round besides its tool calls (often
+     * empty; the answer itself when that round made no call).
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -1451,8 +1475,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Text the model wrote in the tool phase besides its tool calls (often
-     * empty; the answer itself when the model called no tool).
+     * Text the model wrote in the last tool round besides its tool calls (often
+     * empty; the answer itself when that round made no call).
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -1466,8 +1490,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * Text the model wrote in the tool phase besides its tool calls (often
-     * empty; the answer itself when the model called no tool).
+     * Text the model wrote in the last tool round besides its tool calls (often
+     * empty; the answer itself when that round made no call).
      * </pre>
      *
      * <code>string text = 3;</code>
@@ -1974,7 +1998,8 @@ private static final long serialVersionUID = 0L;
     private boolean roundsExhausted_ ;
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 6;</code>
@@ -1986,7 +2011,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 6;</code>
@@ -2002,7 +2028,8 @@ private static final long serialVersionUID = 0L;
     }
     /**
      * <pre>
-     * The last allowed round still made tool calls (see StageRequest.max_rounds).
+     * max_rounds &gt; 1 ran out while the model still made tool calls (see
+     * StageRequest.max_rounds).
      * </pre>
      *
      * <code>bool rounds_exhausted = 6;</code>

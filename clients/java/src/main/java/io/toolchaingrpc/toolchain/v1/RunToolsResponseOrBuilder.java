@@ -32,8 +32,9 @@ public interface RunToolsResponseOrBuilder extends
 
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -42,8 +43,9 @@ public interface RunToolsResponseOrBuilder extends
       getToolResultsList();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -51,8 +53,9 @@ public interface RunToolsResponseOrBuilder extends
   io.toolchaingrpc.toolchain.v1.ToolCallResult getToolResults(int index);
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -60,8 +63,9 @@ public interface RunToolsResponseOrBuilder extends
   int getToolResultsCount();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -70,8 +74,9 @@ public interface RunToolsResponseOrBuilder extends
       getToolResultsOrBuilderList();
   /**
    * <pre>
-   * One result per tool call the model made, in the model's order. Calls that
-   * failed validation are listed with their outcome and were not executed.
+   * One result per tool call the model made, round by round, each round in the
+   * model's order. Calls that failed validation are listed with their outcome
+   * and were not executed.
    * </pre>
    *
    * <code>repeated .toolchain.v1.ToolCallResult tool_results = 2;</code>
@@ -81,8 +86,8 @@ public interface RunToolsResponseOrBuilder extends
 
   /**
    * <pre>
-   * Text the model wrote in the tool phase besides its tool calls (often
-   * empty; the answer itself when the model called no tool).
+   * Text the model wrote in the last tool round besides its tool calls (often
+   * empty; the answer itself when that round made no call).
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -91,8 +96,8 @@ public interface RunToolsResponseOrBuilder extends
   java.lang.String getText();
   /**
    * <pre>
-   * Text the model wrote in the tool phase besides its tool calls (often
-   * empty; the answer itself when the model called no tool).
+   * Text the model wrote in the last tool round besides its tool calls (often
+   * empty; the answer itself when that round made no call).
    * </pre>
    *
    * <code>string text = 3;</code>
@@ -180,7 +185,8 @@ public interface RunToolsResponseOrBuilder extends
 
   /**
    * <pre>
-   * The last allowed round still made tool calls (see StageRequest.max_rounds).
+   * max_rounds &gt; 1 ran out while the model still made tool calls (see
+   * StageRequest.max_rounds).
    * </pre>
    *
    * <code>bool rounds_exhausted = 6;</code>

@@ -455,10 +455,11 @@ private static final long serialVersionUID = 0L;
    * then its valid calls executed. After a round with calls, the next round
    * sends the model every result so far, with the tools still offered, so it
    * may call more; a round without calls ends the loop and its text is the
-   * answer (Done.text; no synthesis phase). When the last allowed round still
-   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-   * synthesis phase (tools not offered) on all results, tools-only RPCs end
-   * with that round's text. 1 is the classic two-phase stage.
+   * answer (Done.text; no synthesis phase). After the last allowed round,
+   * synthesis RPCs run the synthesis phase (tools not offered) on all
+   * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+   * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+   * classic two-phase stage (never "exhausted").
    * </pre>
    *
    * <code>optional int32 max_rounds = 9;</code>
@@ -476,10 +477,11 @@ private static final long serialVersionUID = 0L;
    * then its valid calls executed. After a round with calls, the next round
    * sends the model every result so far, with the tools still offered, so it
    * may call more; a round without calls ends the loop and its text is the
-   * answer (Done.text; no synthesis phase). When the last allowed round still
-   * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-   * synthesis phase (tools not offered) on all results, tools-only RPCs end
-   * with that round's text. 1 is the classic two-phase stage.
+   * answer (Done.text; no synthesis phase). After the last allowed round,
+   * synthesis RPCs run the synthesis phase (tools not offered) on all
+   * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+   * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+   * classic two-phase stage (never "exhausted").
    * </pre>
    *
    * <code>optional int32 max_rounds = 9;</code>
@@ -2147,10 +2149,11 @@ private static final long serialVersionUID = 0L;
      * then its valid calls executed. After a round with calls, the next round
      * sends the model every result so far, with the tools still offered, so it
      * may call more; a round without calls ends the loop and its text is the
-     * answer (Done.text; no synthesis phase). When the last allowed round still
-     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-     * synthesis phase (tools not offered) on all results, tools-only RPCs end
-     * with that round's text. 1 is the classic two-phase stage.
+     * answer (Done.text; no synthesis phase). After the last allowed round,
+     * synthesis RPCs run the synthesis phase (tools not offered) on all
+     * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+     * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+     * classic two-phase stage (never "exhausted").
      * </pre>
      *
      * <code>optional int32 max_rounds = 9;</code>
@@ -2168,10 +2171,11 @@ private static final long serialVersionUID = 0L;
      * then its valid calls executed. After a round with calls, the next round
      * sends the model every result so far, with the tools still offered, so it
      * may call more; a round without calls ends the loop and its text is the
-     * answer (Done.text; no synthesis phase). When the last allowed round still
-     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-     * synthesis phase (tools not offered) on all results, tools-only RPCs end
-     * with that round's text. 1 is the classic two-phase stage.
+     * answer (Done.text; no synthesis phase). After the last allowed round,
+     * synthesis RPCs run the synthesis phase (tools not offered) on all
+     * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+     * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+     * classic two-phase stage (never "exhausted").
      * </pre>
      *
      * <code>optional int32 max_rounds = 9;</code>
@@ -2189,10 +2193,11 @@ private static final long serialVersionUID = 0L;
      * then its valid calls executed. After a round with calls, the next round
      * sends the model every result so far, with the tools still offered, so it
      * may call more; a round without calls ends the loop and its text is the
-     * answer (Done.text; no synthesis phase). When the last allowed round still
-     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-     * synthesis phase (tools not offered) on all results, tools-only RPCs end
-     * with that round's text. 1 is the classic two-phase stage.
+     * answer (Done.text; no synthesis phase). After the last allowed round,
+     * synthesis RPCs run the synthesis phase (tools not offered) on all
+     * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+     * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+     * classic two-phase stage (never "exhausted").
      * </pre>
      *
      * <code>optional int32 max_rounds = 9;</code>
@@ -2214,10 +2219,11 @@ private static final long serialVersionUID = 0L;
      * then its valid calls executed. After a round with calls, the next round
      * sends the model every result so far, with the tools still offered, so it
      * may call more; a round without calls ends the loop and its text is the
-     * answer (Done.text; no synthesis phase). When the last allowed round still
-     * made calls, Done.rounds_exhausted is set: synthesis RPCs then run the
-     * synthesis phase (tools not offered) on all results, tools-only RPCs end
-     * with that round's text. 1 is the classic two-phase stage.
+     * answer (Done.text; no synthesis phase). After the last allowed round,
+     * synthesis RPCs run the synthesis phase (tools not offered) on all
+     * results, tools-only RPCs end with that round's text; when max_rounds &gt; 1
+     * and that round still made calls, Done.rounds_exhausted is set. 1 is the
+     * classic two-phase stage (never "exhausted").
      * </pre>
      *
      * <code>optional int32 max_rounds = 9;</code>

@@ -296,7 +296,8 @@ public final class ToolchainServiceGrpc {
     /**
      * <pre>
      * StreamTools streams the tool phase: chunks as the model produces them, one
-     * ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+     * ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+     * or StageError).
      * </pre>
      */
     default void streamTools(io.toolchaingrpc.toolchain.v1.StreamToolsRequest request,
@@ -306,10 +307,10 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-     * synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-     * When the model calls no tool there are no synthesis chunks and Done.text
-     * is the tool phase text.
+     * StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+     * per tool round, synthesis chunks, then exactly one terminal event (Done,
+     * Cancel or StageError). When the last tool round made no call there are no
+     * synthesis chunks and Done.text is that round's text.
      * </pre>
      */
     default void streamSynthesis(io.toolchaingrpc.toolchain.v1.StreamSynthesisRequest request,
@@ -405,7 +406,8 @@ public final class ToolchainServiceGrpc {
     /**
      * <pre>
      * StreamTools streams the tool phase: chunks as the model produces them, one
-     * ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+     * ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+     * or StageError).
      * </pre>
      */
     public void streamTools(io.toolchaingrpc.toolchain.v1.StreamToolsRequest request,
@@ -416,10 +418,10 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-     * synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-     * When the model calls no tool there are no synthesis chunks and Done.text
-     * is the tool phase text.
+     * StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+     * per tool round, synthesis chunks, then exactly one terminal event (Done,
+     * Cancel or StageError). When the last tool round made no call there are no
+     * synthesis chunks and Done.text is that round's text.
      * </pre>
      */
     public void streamSynthesis(io.toolchaingrpc.toolchain.v1.StreamSynthesisRequest request,
@@ -501,7 +503,8 @@ public final class ToolchainServiceGrpc {
     /**
      * <pre>
      * StreamTools streams the tool phase: chunks as the model produces them, one
-     * ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+     * ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+     * or StageError).
      * </pre>
      */
     @io.grpc.ExperimentalApi("https://github.com/grpc/grpc-java/issues/10918")
@@ -513,10 +516,10 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-     * synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-     * When the model calls no tool there are no synthesis chunks and Done.text
-     * is the tool phase text.
+     * StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+     * per tool round, synthesis chunks, then exactly one terminal event (Done,
+     * Cancel or StageError). When the last tool round made no call there are no
+     * synthesis chunks and Done.text is that round's text.
      * </pre>
      */
     @io.grpc.ExperimentalApi("https://github.com/grpc/grpc-java/issues/10918")
@@ -597,7 +600,8 @@ public final class ToolchainServiceGrpc {
     /**
      * <pre>
      * StreamTools streams the tool phase: chunks as the model produces them, one
-     * ToolSummary, then exactly one terminal event (Done, Cancel or StageError).
+     * ToolSummary per tool round, then exactly one terminal event (Done, Cancel
+     * or StageError).
      * </pre>
      */
     public java.util.Iterator<io.toolchaingrpc.toolchain.v1.StreamToolsResponse> streamTools(
@@ -608,10 +612,10 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * StreamSynthesis streams both phases: tool phase chunks, one ToolSummary,
-     * synthesis chunks, then exactly one terminal event (Done, Cancel or StageError).
-     * When the model calls no tool there are no synthesis chunks and Done.text
-     * is the tool phase text.
+     * StreamSynthesis streams both phases: tool phase chunks and one ToolSummary
+     * per tool round, synthesis chunks, then exactly one terminal event (Done,
+     * Cancel or StageError). When the last tool round made no call there are no
+     * synthesis chunks and Done.text is that round's text.
      * </pre>
      */
     public java.util.Iterator<io.toolchaingrpc.toolchain.v1.StreamSynthesisResponse> streamSynthesis(
