@@ -225,3 +225,15 @@ async def test_a_backend_that_cannot_force_a_choice_is_asked_with_auto(fake: Fak
         assert response.text == "no call after all" and not response.tool_results  # not a failure
     finally:
         await stop_harness(h)
+
+
+async def test_call_ids_stay_unique_across_rounds_when_the_model_repeats_them(h: Harness) -> None:
+    for expression in ("1+1", "2*3"):
+        h.fake.script(
+            JSONReply(completion(tool_calls=[call("calculator", {"expression": expression}, id="same")]))
+        )
+    h.fake.script(JSONReply(completion("done")))
+    response = await h.stub.RunSynthesis(pb.RunSynthesisRequest(stage=stage("x", max_rounds=2)))
+    assert [r.call_id for r in response.tool_results] == ["same", "call_r2_0"]
+    ids = [m["tool_call_id"] for m in h.fake.requests[-1]["messages"] if m["role"] == "tool"]
+    assert ids == ["same", "call_r2_0"]

@@ -128,6 +128,17 @@ def _tool_message_content(result: ToolCallResult, *, repair: bool = False) -> st
     return json.dumps(body, ensure_ascii=False)
 
 
+def _unique_ids(calls: list[ToolCall], seen: set[str], round_no: int) -> list[ToolCall]:
+    """The calls with ids unique in the conversation: a model that gives no ids gets
+    "call_0", "call_1", ... in every round, and a tool message must name one call."""
+    out: list[ToolCall] = []
+    for position, call in enumerate(calls):
+        unique = dataclasses.replace(call, id=f"call_r{round_no}_{position}") if call.id in seen else call
+        seen.add(unique.id)
+        out.append(unique)
+    return out
+
+
 def _round_messages(results: tuple[ToolCallResult, ...], *, repair: bool) -> list[dict[str, Any]]:
     """The assistant turn of a round's calls and one tool message per call."""
     assistant = {
@@ -235,6 +246,7 @@ class StageRunner:
             phase = Phase.TOOL
             rounds: list[PhaseStats] = []
             calls: list[ToolCall] = []
+            seen_ids: set[str] = set()
             text = ""
             exhausted = False
             for round_no in range(1, spec.max_rounds + 1):
@@ -269,6 +281,7 @@ class StageRunner:
                         calls, text = parse_content_calls(text, backend.info.tool_parser, offered)
                     if out.finish_reason == "length":
                         calls = _cut_by_max_tokens(calls, spec.tool_phase.max_tokens)
+                    calls = _unique_ids(calls, seen_ids, round_no)
                     results = await self.tools.run(calls, offered) if calls else ()
                     results = tuple(dataclasses.replace(r, round=round_no) for r in results)
                     stats.duration = time.monotonic() - started
