@@ -1,5 +1,7 @@
-"""The floor (its own process): the stage's two phases done directly with ONE shared
-`openai.AsyncOpenAI` client and its normal typed API, no gRPC, no service.
+"""The typed-SDK loop (its own process; the `sdk` rows): the stage's two phases done
+directly with ONE shared `openai.AsyncOpenAI` client and its normal typed API, no gRPC, no
+service: what a user would write instead of calling the service. (The floor proper, the
+leanest loop, is `bench.lean_floor`.)
 
     python -m bench.floor --backend-url http://127.0.0.1:PORT/v1 --rpc StreamSynthesis -c 50 -n 2000
     python -m bench.floor --backend-url ... --first-byte 300   # raw-socket backend first byte

@@ -1,8 +1,9 @@
-"""Profile the service process (or the floor) under load and print where its CPU goes.
+"""Profile the service process (or a floor) under load and print where its CPU goes.
 
     python -m bench.profile                          # service, StreamSynthesis, C=50, 20 s
     python -m bench.profile --rpc RunTools --seconds 30 --native
-    python -m bench.profile --process floor          # the floor, for comparison
+    python -m bench.profile --process lean           # the lean floor, for comparison
+    python -m bench.profile --process sdk            # the typed-SDK loop
 
 Starts the fake backend, the service (`bench.service_proc`) and the load generator as
 `bench.run` does, lets the load warm up, then samples the service's process with py-spy
@@ -50,6 +51,10 @@ AREAS: tuple[tuple[str, str], ...] = (
     ("httpcore", "httpx / httpcore / h11 / anyio"),
     ("h11/", "httpx / httpcore / h11 / anyio"),
     ("anyio/", "httpx / httpcore / h11 / anyio"),
+    ("aiohttp/", "aiohttp / yarl / multidict"),
+    ("yarl/", "aiohttp / yarl / multidict"),
+    ("multidict/", "aiohttp / yarl / multidict"),
+    ("bench/lean_floor", "bench: lean floor loop"),
     ("pydantic", "pydantic"),
     ("google/protobuf", "protobuf (Python side)"),
     ("json/", "json"),
@@ -193,7 +198,7 @@ def analyse(raw: str, top: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--process", choices=("service", "floor"), default="service")
+    parser.add_argument("--process", choices=("service", "lean", "sdk"), default="service")
     parser.add_argument("--rpc", choices=scenario.RPCS, default="StreamSynthesis")
     parser.add_argument("-c", "--concurrency", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -235,9 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 driver = Child("loadgen", "bench.loadgen", ["--target", target, *load], logs)
                 profiled = service
             else:
-                driver = Child(
-                    "floor", "bench.floor", ["--backend-url", url, "--calibrate", "0", *load], logs
-                )
+                module = "bench.lean_floor" if args.process == "lean" else "bench.floor"
+                driver = Child(args.process, module, ["--backend-url", url, "--calibrate", "0", *load], logs)
                 profiled = driver
             children.append(driver)
             driver.expect("ARMED", 120)
