@@ -96,7 +96,9 @@ class AiohttpClient:
             connector=aiohttp.TCPConnector(limit=target.max_connections, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(
                 total=target.request_timeout,
-                connect=target.connect_timeout,
+                # sock_connect, not connect: aiohttp's `connect` also counts the wait for a
+                # free pool slot, which 1,000 streams on a 256-connection pool must do
+                sock_connect=target.connect_timeout,
                 sock_read=target.read_timeout,
             ),
             cookie_jar=aiohttp.DummyCookieJar(),

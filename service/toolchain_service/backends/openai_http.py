@@ -1,15 +1,17 @@
 """An OpenAI-compatible HTTP backend (vLLM, llama.cpp server, Ollama, OpenAI).
 
-One `httpx2.AsyncClient` per configured backend (its connection pool), made at start-up and
-shared by every stage for the process's life (the legacy handler built one per request:
-~25 ms of CPU each). The request body is serialised once with `json.dumps`, and responses,
-JSON and SSE alike, are read as bytes through httpx2's public streaming API and parsed by
-`wire.py`, so no response is buffered beyond `max_response_bytes`. The openai SDK is not
+One `aiohttp.ClientSession` per configured backend (its connection pool), made on first use
+and shared by every stage for the process's life (the legacy handler built one per request:
+~25 ms of CPU each). aiohttp is the leanest HTTP client the registries offer that does
+TLS, proxies and pooling (bench/http_clients.py: ~1.3 ms of CPU per streamed stage, httpx2
+~5 ms). The request body is serialised once with `json.dumps`, and responses, JSON and SSE
+alike, are read as bytes and parsed by `wire.py`, so no response is buffered beyond
+`max_response_bytes`. The openai SDK is not
 used here: its typed `create()` costs ~0.7 ms of CPU a call in transforms and pydantic
 objects, and its untyped path is internal API; the wire format is small and `wire.py`
 reads it strictly. (The benchmark keeps a typed-SDK loop as what a user would write instead.)
 No retries here: the runner retries, only where it is safe. A call takes at most
-`request_timeout` in all (httpx alone bounds each read, not the sum; every byte counts,
+`request_timeout` in all (aiohttp alone bounds each read, not the sum; every byte counts,
 SSE comments included), the caller's deadline permitting. This module is the one place
 where HTTP exceptions and statuses become `BackendError`s; their messages name the problem
 (refused, DNS, TLS, timeout, cut, HTTP status), never a library class, never the API key.
@@ -24,10 +26,10 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, NoReturn
 
-import httpx2
+import aiohttp
 
 from toolchain_service.backends import wire
 from toolchain_service.backends.base import (
@@ -75,7 +77,7 @@ async def _drain(raw: AsyncIterator[bytes], limit: int = 64 << 10, seconds: floa
                 seen += len(piece)
                 if seen > limit:
                     return
-    except (TimeoutError, httpx2.HTTPError):
+    except (TimeoutError, aiohttp.ClientError):
         return
 
 
@@ -96,26 +98,35 @@ async def _within(raw: AsyncIterator[bytes], budget: float, name: str, total: fl
 class _HTTPStatusError(Exception):
     """An HTTP error status from the backend, with the start of its body."""
 
-    def __init__(self, response: httpx2.Response, text: bytes) -> None:
-        super().__init__(f"HTTP {response.status_code}")
-        self.status_code = response.status_code
-        self.response = response
+    def __init__(self, response: aiohttp.ClientResponse, text: bytes) -> None:
+        super().__init__(f"HTTP {response.status}")
+        self.status_code = response.status
+        self.headers = response.headers
         self.body: object = text.decode("utf-8", "replace")
         with contextlib.suppress(ValueError):
             self.body = json.loads(text)
 
 
-async def _read_some(response: httpx2.Response, limit: int = 64 << 10) -> bytes:
+async def _read_some(response: aiohttp.ClientResponse, limit: int = 64 << 10) -> bytes:
     """At most `limit` bytes of an error response's body (its message is all we use)."""
     body = bytearray()
     try:
-        async for piece in response.aiter_bytes():
+        async for piece in response.content.iter_any():
             body += piece
             if len(body) >= limit:
                 break
-    except httpx2.HTTPError:
+    except (aiohttp.ClientError, TimeoutError):
         pass
     return bytes(body[:limit])
+
+
+def _finish(response: aiohttp.ClientResponse) -> None:
+    """A body read to its end goes back to the pool; anything else closes the connection,
+    so the backend sees the call end (a cancelled stage, a cut, a body too large)."""
+    if response.content.at_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _tool_choice(choice: str) -> str | dict[str, Any]:
@@ -125,9 +136,9 @@ def _tool_choice(choice: str) -> str | dict[str, Any]:
     return {"type": "function", "function": {"name": choice}}
 
 
-def _retry_after(response: httpx2.Response) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Retry-After in seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3)."""
-    value = response.headers.get("retry-after", "").strip()
+    value = headers.get("retry-after", "").strip()
     if not value:
         return None
     try:
@@ -174,7 +185,7 @@ def _connection_problem(exc: BaseException) -> str:
             return "TLS handshake failed"
         if isinstance(cause, ConnectionResetError):
             return "connection reset"
-        if isinstance(cause, httpx2.RemoteProtocolError):
+        if isinstance(cause, aiohttp.ServerDisconnectedError):
             return "the connection was closed without a response"
     text = " ".join(str(e) for e in chain).lower()
     if "refused" in text:
@@ -206,28 +217,31 @@ class OpenAIHTTPBackend(ChatBackend):
             raise ConfigError(
                 f"backends.{name}.api_key_env: the environment variable {settings.api_key_env} is not set"
             )
-        self._timeout = httpx2.Timeout(
-            settings.request_timeout, connect=settings.connect_timeout, read=settings.read_timeout
-        )
-        self._client = httpx2.AsyncClient(
-            base_url=settings.base_url,
-            headers={
-                "Authorization": f"Bearer {api_key}",
-                "Accept": "application/json",
-                "User-Agent": _USER_AGENT,
-            },
-            timeout=self._timeout,
-            limits=httpx2.Limits(
-                max_connections=settings.max_connections,
-                max_keepalive_connections=settings.max_connections,
-            ),
-        )
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+        }
+        self._url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._session: aiohttp.ClientSession | None = None
         self._max_bytes = settings.max_response_bytes
         # Never echoed: a backend that repeats the key in an error message is redacted.
         self._secret = api_key if len(api_key) >= 8 else ""
 
+    def _client(self) -> aiohttp.ClientSession:
+        """The backend's pool, made inside the running loop on first use (aiohttp's rule)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._settings.max_connections, limit_per_host=0),
+                headers=self._headers,
+                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as other clients do
+            )
+        return self._session
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _body(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         extra: dict[str, Any] = dict(self._settings.extra_body)
@@ -239,7 +253,7 @@ class OpenAIHTTPBackend(ChatBackend):
             extra["stream_options"] = {"include_usage": True}
         return extra
 
-    async def _post(self, request: ChatRequest, stream: bool) -> httpx2.Response:
+    async def _post(self, request: ChatRequest, stream: bool) -> aiohttp.ClientResponse:
         """POST /chat/completions through the shared pool, the body serialised once here;
         the response comes back unread, or as _HTTPStatusError for HTTP 4xx/5xx."""
         messages = request.messages
@@ -258,33 +272,30 @@ class OpenAIHTTPBackend(ChatBackend):
         body.update(self._body(request, stream))
         if request.extra:
             body.update(request.extra)
-        timeout = self._timeout
-        if request.timeout is not None:
-            timeout = httpx2.Timeout(
-                min(request.timeout, self._settings.request_timeout),
-                connect=min(request.timeout, self._settings.connect_timeout),
-                read=min(request.timeout, self._settings.read_timeout),
-            )
-        outgoing = self._client.build_request(
-            "POST",
-            "chat/completions",
-            content=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
-            headers=_JSON_HEADERS,
-            timeout=timeout,
+        cap = self._settings.request_timeout if request.timeout is None else request.timeout
+        timeout = aiohttp.ClientTimeout(
+            total=None,  # the whole call's limit is ours (_total_timeout), per byte waited
+            # sock_connect, not connect: aiohttp's `connect` also counts the wait for a free
+            # pool slot, which busy stages may rightly do (bounded by request_timeout)
+            sock_connect=min(cap, self._settings.connect_timeout),
+            sock_read=min(cap, self._settings.read_timeout),
         )
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            response = await self._client.send(outgoing, stream=True)
-        except httpx2.TimeoutException:
+            response = await self._client().post(
+                self._url, data=content, headers=_JSON_HEADERS, timeout=timeout
+            )
+        except TimeoutError:
             raise
-        except httpx2.TransportError as exc:  # no response at all: refused, DNS, TLS, closed
+        except aiohttp.ClientError as exc:  # no response at all: refused, DNS, TLS, closed
             raise BackendUnavailable(
                 f"cannot reach backend {self.name!r}: {_connection_problem(exc)}"
             ) from None
-        if response.status_code >= 400:
+        if response.status >= 400:
             try:
                 text = await _read_some(response)
             finally:
-                await response.aclose()
+                response.close()
             raise _HTTPStatusError(response, text)
         return response
 
@@ -301,12 +312,12 @@ class OpenAIHTTPBackend(ChatBackend):
                     if declared.isdigit() and int(declared) > self._max_bytes:
                         raise BackendResponseTooLarge(self._max_bytes)
                     body = bytearray()
-                    async for piece in http.aiter_bytes():
+                    async for piece in http.content.iter_any():
                         body += piece
                         if len(body) > self._max_bytes:
                             raise BackendResponseTooLarge(self._max_bytes)
                 finally:
-                    await http.aclose()
+                    _finish(http)
             return wire.parse_completion(wire.loads(bytes(body)))
         except BackendError as exc:
             raise self._redacted(exc) from None
@@ -321,10 +332,11 @@ class OpenAIHTTPBackend(ChatBackend):
         total = self._total_timeout(request)
         try:
             started = time.monotonic()
-            http = await self._post(request, True)
+            async with asyncio.timeout(total):  # a pool slot, the connection, the headers
+                http = await self._post(request, True)
             try:
                 finished = False
-                raw = http.aiter_bytes()
+                raw = http.content.iter_any()
                 timed = _within(raw, total - (time.monotonic() - started), self.name, total)
                 async for data in wire.sse_data(timed, self._max_bytes):
                     if data is wire.DONE:
@@ -339,7 +351,7 @@ class OpenAIHTTPBackend(ChatBackend):
                         " (no finish reason, no [DONE])"
                     )
             finally:
-                await http.aclose()
+                _finish(http)
         except BackendError as exc:
             raise self._redacted(exc) from None
         except Exception as exc:
@@ -357,18 +369,20 @@ class OpenAIHTTPBackend(ChatBackend):
     def _raise(self, exc: Exception, request: ChatRequest) -> NoReturn:
         """Translate one HTTP exception or status into the BackendError a caller can act on."""
         name = self.name
-        if isinstance(exc, httpx2.TimeoutException | TimeoutError):
+        if isinstance(exc, TimeoutError):  # aiohttp's socket timeouts are TimeoutErrors too
             raise BackendUnavailable(f"backend {name!r} did not answer in time") from None
-        if isinstance(exc, httpx2.ConnectError | httpx2.UnsupportedProtocol | httpx2.ProxyError):
+        if isinstance(
+            exc, aiohttp.ClientConnectorError | aiohttp.InvalidURL | aiohttp.ClientProxyConnectionError
+        ):
             raise BackendUnavailable(f"cannot reach backend {name!r}: {_connection_problem(exc)}") from None
-        if isinstance(exc, httpx2.TransportError):  # read error, cut mid-body, protocol violation
+        if isinstance(exc, aiohttp.ClientError):  # read error, cut mid-body, protocol violation
             raise BackendUnavailable(f"backend {name!r} cut the response short") from None
         if isinstance(exc, _HTTPStatusError):
             status, message = exc.status_code, self._redact(_backend_message(exc.body))
             if status == 429:
                 raise BackendUnavailable(
                     f"backend {name!r} is rate limiting (HTTP 429): {message}",
-                    retry_after=_retry_after(exc.response),
+                    retry_after=_retry_after(exc.headers),
                     reason="BACKEND_RATE_LIMITED",
                 ) from None
             if status in (401, 403):
@@ -385,7 +399,7 @@ class OpenAIHTTPBackend(ChatBackend):
                     f"backend {name!r} rejected the request (HTTP {status}): {message}"
                 ) from None
             raise BackendUnavailable(
-                f"backend {name!r} failed (HTTP {status}): {message}", retry_after=_retry_after(exc.response)
+                f"backend {name!r} failed (HTTP {status}): {message}", retry_after=_retry_after(exc.headers)
             ) from None
         if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):
             raise BackendProtocolError(f"backend {name!r} sent a body that is not valid JSON") from None
