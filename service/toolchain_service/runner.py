@@ -208,19 +208,22 @@ class StageRunner:
             raise NotFoundError(f"unknown tools {', '.join(unknown)}; available: {', '.join(available)}")
         return tuple(dict.fromkeys(requested))
 
+    @staticmethod
     def _offered(
-        self, spec: StageSpec, enabled: tuple[str, ...], round_no: int
+        spec: StageSpec, backend: ChatBackend, enabled: tuple[str, ...], round_no: int
     ) -> tuple[tuple[str, ...], str]:
         """The tools offered in a round and the backend's tool choice. The caller's choice
-        binds the first round only; later rounds are "auto", so that it cannot loop."""
+        binds the first round only; later rounds are "auto", so that it cannot loop. A
+        backend that cannot force a choice is asked with "auto" (the proto's fallback)."""
         choice = spec.tool_choice
         if round_no > 1 or choice.mode == "auto":
             return enabled, "auto"
         if choice.mode == "none":
             return (), "auto"
+        forced = backend.capabilities.forces_tool_choice
         if choice.mode == "tool":
-            return (choice.tool,), choice.tool
-        return enabled, "required"
+            return (choice.tool,), choice.tool if forced else "auto"
+        return enabled, "required" if forced else "auto"
 
     async def run(self, spec: StageSpec, deadline: float | None = None) -> AsyncGenerator[StageEvent, None]:
         """The stage's events; `deadline` is a `time.monotonic()` instant or None."""
@@ -250,9 +253,7 @@ class StageRunner:
             text = ""
             exhausted = False
             for round_no in range(1, spec.max_rounds + 1):
-                offered, choice = self._offered(spec, enabled, round_no)
-                if not backend.capabilities.forces_tool_choice:
-                    choice = "auto"  # the proto's fallback: ask, and take what comes
+                offered, choice = self._offered(spec, backend, enabled, round_no)
                 started = time.monotonic()
                 stats = PhaseStats(model=model, round=round_no)
                 request = ChatRequest(

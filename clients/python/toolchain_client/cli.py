@@ -371,7 +371,9 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 # --- arguments ------------------------------------------------------------------------
 
 
-def _bad_choice(text: str) -> str:
+def _tool_choice_arg(text: str) -> str:
+    if text in ("auto", "required", "none") or (text.startswith("tool:") and len(text) > len("tool:")):
+        return text
     raise argparse.ArgumentTypeError(f"must be auto, required, none or tool:NAME, got {text!r}")
 
 
@@ -456,11 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tool-choice",
         metavar="CHOICE",
         help="first round: auto, required, none, or tool:NAME (default: auto)",
-        type=lambda t: (
-            t
-            if t in ("auto", "required", "none") or (t.startswith("tool:") and len(t) > 5)
-            else _bad_choice(t)
-        ),
+        type=_tool_choice_arg,
     )
     run.add_argument(
         "--repair", action="store_true", help="let the model correct calls that failed validation"
