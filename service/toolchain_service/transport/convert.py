@@ -172,8 +172,9 @@ class Fold:
             tool_rounds=[phase_stats(r) for r in done.tool_rounds],
             rounds_exhausted=done.rounds_exhausted,
         )
-        if done.total_usage is not None:
-            response.total_usage.CopyFrom(usage(done.total_usage))
+        total = done.total_usage
+        if total is not None:
+            response.total_usage.CopyFrom(usage(total))
         return response
 
     def synthesis_response(self) -> pb.RunSynthesisResponse:
@@ -189,6 +190,7 @@ class Fold:
         )
         if done.synthesis_phase is not None:
             response.synthesis_phase.CopyFrom(phase_stats(done.synthesis_phase))
-        if done.total_usage is not None:
-            response.total_usage.CopyFrom(usage(done.total_usage))
+        total = done.total_usage
+        if total is not None:
+            response.total_usage.CopyFrom(usage(total))
         return response

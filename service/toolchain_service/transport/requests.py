@@ -59,13 +59,11 @@ def _tool_choice(choice: pb.ToolChoice, bad: list[FieldViolation]) -> ToolChoice
     if which is None:
         bad.append(FieldViolation("stage.tool_choice", "set mode or tool, or leave tool_choice unset"))
         return ToolChoice()
-    if which == "mode":
-        mode = _MODES.get(choice.mode)
-        if mode is None:
-            bad.append(FieldViolation("stage.tool_choice.mode", f"unknown mode {choice.mode}"))
-            return ToolChoice()
-        return ToolChoice(mode)
-    return ToolChoice()
+    mode = _MODES.get(choice.mode)  # the oneof's only other member
+    if mode is None:
+        bad.append(FieldViolation("stage.tool_choice.mode", f"unknown mode {choice.mode}"))
+        return ToolChoice()
+    return ToolChoice(mode)
 
 
 def _valid_stage_id(stage_id: str) -> bool:
