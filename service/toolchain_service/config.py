@@ -28,6 +28,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 from pydantic import (
@@ -431,6 +432,56 @@ class AuthSettings(_Strict):
 _DEFAULT_BACKENDS: dict[str, Any] = {"local": {"kind": "local"}}
 
 
+_REPLICA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
+
+
+class ClusterSettings(_Strict):
+    """Replicas that share a stage registry and event logs on Redis (`redis_url`).
+
+    Without `redis_url` the server runs alone, as it always has: CancelStage reaches its
+    own stages only, and a dropped stream cancels its stage."""
+
+    redis_url: str = Field(
+        "", description="redis:// (or rediss://, unix://) URL of the shared registry; empty: single process"
+    )
+    replica_id: str = Field(
+        "", description="this replica's name in the registry; empty: hostname, process id and a random suffix"
+    )
+    resume_grace_seconds: float = Field(
+        30.0, ge=0, description="seconds a stage whose stream dropped keeps running, waiting for ResumeStage"
+    )
+    event_log_ttl_seconds: float = Field(
+        120.0, gt=0, description="seconds a stage's events stay resumable after it ended"
+    )
+    event_log_max_events: int = Field(
+        10_000, ge=16, description="events of one stage the log keeps (older ones: OUT_OF_RANGE on resume)"
+    )
+    heartbeat_seconds: float = Field(
+        1.0, gt=0, description="seconds between this replica's liveness beats (3 missed: presumed dead)"
+    )
+    request_timeout: float = Field(
+        2.0, gt=0, description="seconds a Redis command or another replica may take to answer"
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{value!r}: must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("replica_id")
+    @classmethod
+    def _check_replica_id(cls, value: str) -> str:
+        if value and not _REPLICA_ID.match(value):
+            raise ValueError(f"{value!r}: 1-100 letters, digits, '.', '_', ':' or '-'")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.redis_url)
+
+
 class _BackendDefaults(PydanticBaseSettingsSource):
     """The default backends, as the lowest source, so that per-key variables
     (`TOOLCHAIN_BACKENDS__VLLM__BASE_URL`, `TOOLCHAIN_BACKENDS__LOCAL__N_CTX`) add a backend
@@ -495,6 +546,7 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(False, description="put prompts in the stage log line (debugging only)")
     tracing: bool = Field(False, description="OpenTelemetry spans per stage (needs the otel extra)")
     tools: ToolSettings = ToolSettings()
+    cluster: ClusterSettings = ClusterSettings()
     mcp_servers: dict[str, McpServerSettings] = Field(
         {}, description="MCP servers by name, whose tools are offered next to the built-in ones"
     )

@@ -44,7 +44,8 @@ const (
 	// `StageError.field_violations`) names each field. Fix the request.
 	ErrorReason_INVALID_REQUEST ErrorReason = 1
 	// NOT_FOUND: an unknown backend, model or tool name (the message lists the
-	// names that exist), or CancelStage named no running stage.
+	// names that exist), CancelStage named no running stage, or ResumeStage no
+	// stage whose events are still kept.
 	ErrorReason_NOT_FOUND ErrorReason = 2
 	// NOT_FOUND: the backend does not serve the model (HTTP 404).
 	ErrorReason_MODEL_NOT_FOUND ErrorReason = 3
@@ -90,6 +91,26 @@ const (
 	// INTERNAL: a bug in this server. The message carries no internals; the
 	// server's log has the details.
 	ErrorReason_INTERNAL ErrorReason = 17
+	// PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+	// yours, or ResumeStage no stage of yours whose events are kept: another
+	// principal's stage and no stage at all look the same, so that nobody
+	// learns of other callers' stages.
+	ErrorReason_STAGE_NOT_OWNED ErrorReason = 18
+	// FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+	// log (configure cluster.redis_url on every replica).
+	ErrorReason_RESUME_NOT_CONFIGURED ErrorReason = 19
+	// OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+	// (it keeps the last cluster.event_log_max_events of a stage). Run the stage
+	// again, or resume sooner.
+	ErrorReason_RESUME_EVENTS_DROPPED ErrorReason = 20
+	// UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+	// killed) before the stage ended. Run the stage again after the RetryInfo
+	// delay.
+	ErrorReason_STAGE_OWNER_LOST ErrorReason = 21
+	// UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+	// unreachable or did not answer in time, or the replica running the stage
+	// did not answer. Retry after the RetryInfo delay.
+	ErrorReason_REGISTRY_UNAVAILABLE ErrorReason = 22
 )
 
 // Enum value maps for ErrorReason.
@@ -113,6 +134,11 @@ var (
 		15: "MISSING_CREDENTIALS",
 		16: "INVALID_CREDENTIALS",
 		17: "INTERNAL",
+		18: "STAGE_NOT_OWNED",
+		19: "RESUME_NOT_CONFIGURED",
+		20: "RESUME_EVENTS_DROPPED",
+		21: "STAGE_OWNER_LOST",
+		22: "REGISTRY_UNAVAILABLE",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":   0,
@@ -133,6 +159,11 @@ var (
 		"MISSING_CREDENTIALS":        15,
 		"INVALID_CREDENTIALS":        16,
 		"INTERNAL":                   17,
+		"STAGE_NOT_OWNED":            18,
+		"RESUME_NOT_CONFIGURED":      19,
+		"RESUME_EVENTS_DROPPED":      20,
+		"STAGE_OWNER_LOST":           21,
+		"REGISTRY_UNAVAILABLE":       22,
 	}
 )
 
@@ -167,7 +198,7 @@ var File_toolchain_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_toolchain_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1ftoolchain/v1/error_reason.proto\x12\ftoolchain.v1*\xc7\x03\n" +
+	"\x1ftoolchain/v1/error_reason.proto\x12\ftoolchain.v1*\xc2\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fINVALID_REQUEST\x10\x01\x12\r\n" +
@@ -187,7 +218,12 @@ const file_toolchain_v1_error_reason_proto_rawDesc = "" +
 	"\x13LOCAL_MODEL_CRASHED\x10\x0e\x12\x17\n" +
 	"\x13MISSING_CREDENTIALS\x10\x0f\x12\x17\n" +
 	"\x13INVALID_CREDENTIALS\x10\x10\x12\f\n" +
-	"\bINTERNAL\x10\x11B\xb4\x01\n" +
+	"\bINTERNAL\x10\x11\x12\x13\n" +
+	"\x0fSTAGE_NOT_OWNED\x10\x12\x12\x19\n" +
+	"\x15RESUME_NOT_CONFIGURED\x10\x13\x12\x19\n" +
+	"\x15RESUME_EVENTS_DROPPED\x10\x14\x12\x14\n" +
+	"\x10STAGE_OWNER_LOST\x10\x15\x12\x18\n" +
+	"\x14REGISTRY_UNAVAILABLE\x10\x16B\xb4\x01\n" +
 	"\x1dio.toolchaingrpc.toolchain.v1B\x10ErrorReasonProtoP\x01ZKgithub.com/toolchain-grpc/toolchain-grpc/clients/go/toolchainv1;toolchainv1\xa2\x02\x03TXX\xaa\x02\fToolchain.V1\xca\x02\fToolchain\\V1\xea\x02\rToolchain::V1b\x06proto3"
 
 var (

@@ -21,6 +21,12 @@
 //                       request as malformed (HTTP 400/422)
 //   NOT_FOUND           unknown backend, model or tool name (the message lists
 //                       the names that exist), unknown stage_id in CancelStage
+//                       or ResumeStage
+//   PERMISSION_DENIED   with auth on: CancelStage or ResumeStage named no stage
+//                       of the caller's (another principal's, or none)
+//   OUT_OF_RANGE        ResumeStage asked for events the log no longer keeps
+//   FAILED_PRECONDITION ResumeStage on a server without a shared event log
+//                       (no cluster.redis_url)
 //   ALREADY_EXISTS      a stage with this stage_id is already running
 //   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
 //                       or the request is larger than the server accepts (gRPC
@@ -266,6 +272,10 @@ const (
 	CancelReason_CANCEL_REASON_DEADLINE CancelReason = 3
 	// The server is shutting down and the drain grace period ended.
 	CancelReason_CANCEL_REASON_SHUTDOWN CancelReason = 4
+	// The stream's connection dropped and no ResumeStage came within the
+	// server's resume grace period; the status is CANCELLED. Only a ResumeStage
+	// after that period sees this event.
+	CancelReason_CANCEL_REASON_DISCONNECTED CancelReason = 5
 )
 
 // Enum value maps for CancelReason.
@@ -276,6 +286,7 @@ var (
 		2: "CANCEL_REASON_CANCEL_STAGE",
 		3: "CANCEL_REASON_DEADLINE",
 		4: "CANCEL_REASON_SHUTDOWN",
+		5: "CANCEL_REASON_DISCONNECTED",
 	}
 	CancelReason_value = map[string]int32{
 		"CANCEL_REASON_UNSPECIFIED":  0,
@@ -283,6 +294,7 @@ var (
 		"CANCEL_REASON_CANCEL_STAGE": 2,
 		"CANCEL_REASON_DEADLINE":     3,
 		"CANCEL_REASON_SHUTDOWN":     4,
+		"CANCEL_REASON_DISCONNECTED": 5,
 	}
 )
 
@@ -2121,6 +2133,110 @@ func (x *CancelStageResponse) GetStageId() string {
 	return ""
 }
 
+// ResumeStageRequest names the stage to resume and the last event received.
+type ResumeStageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stage's id (every event carries it).
+	StageId string `protobuf:"bytes,1,opt,name=stage_id,json=stageId,proto3" json:"stage_id,omitempty"`
+	// The sequence of the last event the caller received; the stream starts with
+	// the event after it. Unset: from the first event (sequence 0).
+	AfterSequence *uint32 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3,oneof" json:"after_sequence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeStageRequest) Reset() {
+	*x = ResumeStageRequest{}
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeStageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeStageRequest) ProtoMessage() {}
+
+func (x *ResumeStageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeStageRequest.ProtoReflect.Descriptor instead.
+func (*ResumeStageRequest) Descriptor() ([]byte, []int) {
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ResumeStageRequest) GetStageId() string {
+	if x != nil {
+		return x.StageId
+	}
+	return ""
+}
+
+func (x *ResumeStageRequest) GetAfterSequence() uint32 {
+	if x != nil && x.AfterSequence != nil {
+		return *x.AfterSequence
+	}
+	return 0
+}
+
+// ResumeStageResponse is one message of a ResumeStage stream.
+type ResumeStageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event, with the stage's own sequence; a StageError that the resume
+	// itself ends with (OUT_OF_RANGE, STAGE_OWNER_LOST) takes the next sequence
+	// the caller expects.
+	Event         *StageEvent `protobuf:"bytes,1,opt,name=event,proto3" json:"event,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeStageResponse) Reset() {
+	*x = ResumeStageResponse{}
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeStageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeStageResponse) ProtoMessage() {}
+
+func (x *ResumeStageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeStageResponse.ProtoReflect.Descriptor instead.
+func (*ResumeStageResponse) Descriptor() ([]byte, []int) {
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ResumeStageResponse) GetEvent() *StageEvent {
+	if x != nil {
+		return x.Event
+	}
+	return nil
+}
+
 // ListToolsRequest asks for the server's tools.
 type ListToolsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -2130,7 +2246,7 @@ type ListToolsRequest struct {
 
 func (x *ListToolsRequest) Reset() {
 	*x = ListToolsRequest{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2258,7 @@ func (x *ListToolsRequest) String() string {
 func (*ListToolsRequest) ProtoMessage() {}
 
 func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[23]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2271,7 @@ func (x *ListToolsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsRequest.ProtoReflect.Descriptor instead.
 func (*ListToolsRequest) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{23}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{25}
 }
 
 // ListToolsResponse lists the server's tools.
@@ -2169,7 +2285,7 @@ type ListToolsResponse struct {
 
 func (x *ListToolsResponse) Reset() {
 	*x = ListToolsResponse{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2181,7 +2297,7 @@ func (x *ListToolsResponse) String() string {
 func (*ListToolsResponse) ProtoMessage() {}
 
 func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[24]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2194,7 +2310,7 @@ func (x *ListToolsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListToolsResponse.ProtoReflect.Descriptor instead.
 func (*ListToolsResponse) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{24}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListToolsResponse) GetTools() []*Tool {
@@ -2224,7 +2340,7 @@ type Tool struct {
 
 func (x *Tool) Reset() {
 	*x = Tool{}
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2236,7 +2352,7 @@ func (x *Tool) String() string {
 func (*Tool) ProtoMessage() {}
 
 func (x *Tool) ProtoReflect() protoreflect.Message {
-	mi := &file_toolchain_v1_toolchain_proto_msgTypes[25]
+	mi := &file_toolchain_v1_toolchain_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2249,7 +2365,7 @@ func (x *Tool) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Tool.ProtoReflect.Descriptor instead.
 func (*Tool) Descriptor() ([]byte, []int) {
-	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{25}
+	return file_toolchain_v1_toolchain_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Tool) GetName() string {
@@ -2429,7 +2545,13 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\x12CancelStageRequest\x12\x19\n" +
 	"\bstage_id\x18\x01 \x01(\tR\astageId\"0\n" +
 	"\x13CancelStageResponse\x12\x19\n" +
-	"\bstage_id\x18\x01 \x01(\tR\astageId\"\x12\n" +
+	"\bstage_id\x18\x01 \x01(\tR\astageId\"n\n" +
+	"\x12ResumeStageRequest\x12\x19\n" +
+	"\bstage_id\x18\x01 \x01(\tR\astageId\x12*\n" +
+	"\x0eafter_sequence\x18\x02 \x01(\rH\x00R\rafterSequence\x88\x01\x01B\x11\n" +
+	"\x0f_after_sequence\"E\n" +
+	"\x13ResumeStageResponse\x12.\n" +
+	"\x05event\x18\x01 \x01(\v2\x18.toolchain.v1.StageEventR\x05event\"\x12\n" +
 	"\x10ListToolsRequest\"=\n" +
 	"\x11ListToolsResponse\x12(\n" +
 	"\x05tools\x18\x01 \x03(\v2\x12.toolchain.v1.ToolR\x05tools\"\xe6\x01\n" +
@@ -2456,19 +2578,21 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\x19TOOL_OUTCOME_UNKNOWN_TOOL\x10\x03\x12\x17\n" +
 	"\x13TOOL_OUTCOME_FAILED\x10\x04\x12\x1a\n" +
 	"\x16TOOL_OUTCOME_TIMED_OUT\x10\x05\x12\x18\n" +
-	"\x14TOOL_OUTCOME_SKIPPED\x10\x06*\x9f\x01\n" +
+	"\x14TOOL_OUTCOME_SKIPPED\x10\x06*\xbf\x01\n" +
 	"\fCancelReason\x12\x1d\n" +
 	"\x19CANCEL_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CANCEL_REASON_CLIENT\x10\x01\x12\x1e\n" +
 	"\x1aCANCEL_REASON_CANCEL_STAGE\x10\x02\x12\x1a\n" +
 	"\x16CANCEL_REASON_DEADLINE\x10\x03\x12\x1a\n" +
-	"\x16CANCEL_REASON_SHUTDOWN\x10\x042\x8e\x04\n" +
+	"\x16CANCEL_REASON_SHUTDOWN\x10\x04\x12\x1e\n" +
+	"\x1aCANCEL_REASON_DISCONNECTED\x10\x052\xe4\x04\n" +
 	"\x10ToolchainService\x12I\n" +
 	"\bRunTools\x12\x1d.toolchain.v1.RunToolsRequest\x1a\x1e.toolchain.v1.RunToolsResponse\x12U\n" +
 	"\fRunSynthesis\x12!.toolchain.v1.RunSynthesisRequest\x1a\".toolchain.v1.RunSynthesisResponse\x12T\n" +
 	"\vStreamTools\x12 .toolchain.v1.StreamToolsRequest\x1a!.toolchain.v1.StreamToolsResponse0\x01\x12`\n" +
 	"\x0fStreamSynthesis\x12$.toolchain.v1.StreamSynthesisRequest\x1a%.toolchain.v1.StreamSynthesisResponse0\x01\x12R\n" +
-	"\vCancelStage\x12 .toolchain.v1.CancelStageRequest\x1a!.toolchain.v1.CancelStageResponse\x12L\n" +
+	"\vCancelStage\x12 .toolchain.v1.CancelStageRequest\x1a!.toolchain.v1.CancelStageResponse\x12T\n" +
+	"\vResumeStage\x12 .toolchain.v1.ResumeStageRequest\x1a!.toolchain.v1.ResumeStageResponse0\x01\x12L\n" +
 	"\tListTools\x12\x1e.toolchain.v1.ListToolsRequest\x1a\x1f.toolchain.v1.ListToolsResponseB\xb2\x01\n" +
 	"\x1dio.toolchaingrpc.toolchain.v1B\x0eToolchainProtoP\x01ZKgithub.com/toolchain-grpc/toolchain-grpc/clients/go/toolchainv1;toolchainv1\xa2\x02\x03TXX\xaa\x02\fToolchain.V1\xca\x02\fToolchain\\V1\xea\x02\rToolchain::V1b\x06proto3"
 
@@ -2485,7 +2609,7 @@ func file_toolchain_v1_toolchain_proto_rawDescGZIP() []byte {
 }
 
 var file_toolchain_v1_toolchain_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_toolchain_v1_toolchain_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_toolchain_v1_toolchain_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_toolchain_v1_toolchain_proto_goTypes = []any{
 	(ToolChoiceMode)(0),                          // 0: toolchain.v1.ToolChoiceMode
 	(Phase)(0),                                   // 1: toolchain.v1.Phase
@@ -2514,13 +2638,15 @@ var file_toolchain_v1_toolchain_proto_goTypes = []any{
 	(*StageError)(nil),                           // 24: toolchain.v1.StageError
 	(*CancelStageRequest)(nil),                   // 25: toolchain.v1.CancelStageRequest
 	(*CancelStageResponse)(nil),                  // 26: toolchain.v1.CancelStageResponse
-	(*ListToolsRequest)(nil),                     // 27: toolchain.v1.ListToolsRequest
-	(*ListToolsResponse)(nil),                    // 28: toolchain.v1.ListToolsResponse
-	(*Tool)(nil),                                 // 29: toolchain.v1.Tool
-	(*structpb.Value)(nil),                       // 30: google.protobuf.Value
-	(*durationpb.Duration)(nil),                  // 31: google.protobuf.Duration
-	(*errdetails.BadRequest_FieldViolation)(nil), // 32: google.rpc.BadRequest.FieldViolation
-	(*structpb.Struct)(nil),                      // 33: google.protobuf.Struct
+	(*ResumeStageRequest)(nil),                   // 27: toolchain.v1.ResumeStageRequest
+	(*ResumeStageResponse)(nil),                  // 28: toolchain.v1.ResumeStageResponse
+	(*ListToolsRequest)(nil),                     // 29: toolchain.v1.ListToolsRequest
+	(*ListToolsResponse)(nil),                    // 30: toolchain.v1.ListToolsResponse
+	(*Tool)(nil),                                 // 31: toolchain.v1.Tool
+	(*structpb.Value)(nil),                       // 32: google.protobuf.Value
+	(*durationpb.Duration)(nil),                  // 33: google.protobuf.Duration
+	(*errdetails.BadRequest_FieldViolation)(nil), // 34: google.rpc.BadRequest.FieldViolation
+	(*structpb.Struct)(nil),                      // 35: google.protobuf.Struct
 }
 var file_toolchain_v1_toolchain_proto_depIdxs = []int32{
 	6,  // 0: toolchain.v1.StageRequest.tool_phase:type_name -> toolchain.v1.PhaseOptions
@@ -2551,38 +2677,41 @@ var file_toolchain_v1_toolchain_proto_depIdxs = []int32{
 	17, // 25: toolchain.v1.Chunk.tool_calls:type_name -> toolchain.v1.ToolCallDelta
 	19, // 26: toolchain.v1.ToolSummary.results:type_name -> toolchain.v1.ToolCallResult
 	2,  // 27: toolchain.v1.ToolCallResult.outcome:type_name -> toolchain.v1.ToolOutcome
-	30, // 28: toolchain.v1.ToolCallResult.result:type_name -> google.protobuf.Value
-	31, // 29: toolchain.v1.ToolCallResult.duration:type_name -> google.protobuf.Duration
+	32, // 28: toolchain.v1.ToolCallResult.result:type_name -> google.protobuf.Value
+	33, // 29: toolchain.v1.ToolCallResult.duration:type_name -> google.protobuf.Duration
 	20, // 30: toolchain.v1.PhaseStats.usage:type_name -> toolchain.v1.Usage
-	31, // 31: toolchain.v1.PhaseStats.duration:type_name -> google.protobuf.Duration
+	33, // 31: toolchain.v1.PhaseStats.duration:type_name -> google.protobuf.Duration
 	21, // 32: toolchain.v1.Done.tool_phase:type_name -> toolchain.v1.PhaseStats
 	21, // 33: toolchain.v1.Done.synthesis_phase:type_name -> toolchain.v1.PhaseStats
 	21, // 34: toolchain.v1.Done.tool_rounds:type_name -> toolchain.v1.PhaseStats
 	20, // 35: toolchain.v1.Done.total_usage:type_name -> toolchain.v1.Usage
 	3,  // 36: toolchain.v1.Cancel.reason:type_name -> toolchain.v1.CancelReason
 	1,  // 37: toolchain.v1.StageError.phase:type_name -> toolchain.v1.Phase
-	31, // 38: toolchain.v1.StageError.retry_delay:type_name -> google.protobuf.Duration
-	32, // 39: toolchain.v1.StageError.field_violations:type_name -> google.rpc.BadRequest.FieldViolation
-	29, // 40: toolchain.v1.ListToolsResponse.tools:type_name -> toolchain.v1.Tool
-	33, // 41: toolchain.v1.Tool.parameters_schema:type_name -> google.protobuf.Struct
-	31, // 42: toolchain.v1.Tool.timeout:type_name -> google.protobuf.Duration
-	7,  // 43: toolchain.v1.ToolchainService.RunTools:input_type -> toolchain.v1.RunToolsRequest
-	9,  // 44: toolchain.v1.ToolchainService.RunSynthesis:input_type -> toolchain.v1.RunSynthesisRequest
-	11, // 45: toolchain.v1.ToolchainService.StreamTools:input_type -> toolchain.v1.StreamToolsRequest
-	13, // 46: toolchain.v1.ToolchainService.StreamSynthesis:input_type -> toolchain.v1.StreamSynthesisRequest
-	25, // 47: toolchain.v1.ToolchainService.CancelStage:input_type -> toolchain.v1.CancelStageRequest
-	27, // 48: toolchain.v1.ToolchainService.ListTools:input_type -> toolchain.v1.ListToolsRequest
-	8,  // 49: toolchain.v1.ToolchainService.RunTools:output_type -> toolchain.v1.RunToolsResponse
-	10, // 50: toolchain.v1.ToolchainService.RunSynthesis:output_type -> toolchain.v1.RunSynthesisResponse
-	12, // 51: toolchain.v1.ToolchainService.StreamTools:output_type -> toolchain.v1.StreamToolsResponse
-	14, // 52: toolchain.v1.ToolchainService.StreamSynthesis:output_type -> toolchain.v1.StreamSynthesisResponse
-	26, // 53: toolchain.v1.ToolchainService.CancelStage:output_type -> toolchain.v1.CancelStageResponse
-	28, // 54: toolchain.v1.ToolchainService.ListTools:output_type -> toolchain.v1.ListToolsResponse
-	49, // [49:55] is the sub-list for method output_type
-	43, // [43:49] is the sub-list for method input_type
-	43, // [43:43] is the sub-list for extension type_name
-	43, // [43:43] is the sub-list for extension extendee
-	0,  // [0:43] is the sub-list for field type_name
+	33, // 38: toolchain.v1.StageError.retry_delay:type_name -> google.protobuf.Duration
+	34, // 39: toolchain.v1.StageError.field_violations:type_name -> google.rpc.BadRequest.FieldViolation
+	15, // 40: toolchain.v1.ResumeStageResponse.event:type_name -> toolchain.v1.StageEvent
+	31, // 41: toolchain.v1.ListToolsResponse.tools:type_name -> toolchain.v1.Tool
+	35, // 42: toolchain.v1.Tool.parameters_schema:type_name -> google.protobuf.Struct
+	33, // 43: toolchain.v1.Tool.timeout:type_name -> google.protobuf.Duration
+	7,  // 44: toolchain.v1.ToolchainService.RunTools:input_type -> toolchain.v1.RunToolsRequest
+	9,  // 45: toolchain.v1.ToolchainService.RunSynthesis:input_type -> toolchain.v1.RunSynthesisRequest
+	11, // 46: toolchain.v1.ToolchainService.StreamTools:input_type -> toolchain.v1.StreamToolsRequest
+	13, // 47: toolchain.v1.ToolchainService.StreamSynthesis:input_type -> toolchain.v1.StreamSynthesisRequest
+	25, // 48: toolchain.v1.ToolchainService.CancelStage:input_type -> toolchain.v1.CancelStageRequest
+	27, // 49: toolchain.v1.ToolchainService.ResumeStage:input_type -> toolchain.v1.ResumeStageRequest
+	29, // 50: toolchain.v1.ToolchainService.ListTools:input_type -> toolchain.v1.ListToolsRequest
+	8,  // 51: toolchain.v1.ToolchainService.RunTools:output_type -> toolchain.v1.RunToolsResponse
+	10, // 52: toolchain.v1.ToolchainService.RunSynthesis:output_type -> toolchain.v1.RunSynthesisResponse
+	12, // 53: toolchain.v1.ToolchainService.StreamTools:output_type -> toolchain.v1.StreamToolsResponse
+	14, // 54: toolchain.v1.ToolchainService.StreamSynthesis:output_type -> toolchain.v1.StreamSynthesisResponse
+	26, // 55: toolchain.v1.ToolchainService.CancelStage:output_type -> toolchain.v1.CancelStageResponse
+	28, // 56: toolchain.v1.ToolchainService.ResumeStage:output_type -> toolchain.v1.ResumeStageResponse
+	30, // 57: toolchain.v1.ToolchainService.ListTools:output_type -> toolchain.v1.ListToolsResponse
+	51, // [51:58] is the sub-list for method output_type
+	44, // [44:51] is the sub-list for method input_type
+	44, // [44:44] is the sub-list for extension type_name
+	44, // [44:44] is the sub-list for extension extendee
+	0,  // [0:44] is the sub-list for field type_name
 }
 
 func init() { file_toolchain_v1_toolchain_proto_init() }
@@ -2603,13 +2732,14 @@ func file_toolchain_v1_toolchain_proto_init() {
 		(*StageEvent_Cancel)(nil),
 		(*StageEvent_Error)(nil),
 	}
+	file_toolchain_v1_toolchain_proto_msgTypes[23].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_toolchain_v1_toolchain_proto_rawDesc), len(file_toolchain_v1_toolchain_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,6 +21,12 @@
 //                       request as malformed (HTTP 400/422)
 //   NOT_FOUND           unknown backend, model or tool name (the message lists
 //                       the names that exist), unknown stage_id in CancelStage
+//                       or ResumeStage
+//   PERMISSION_DENIED   with auth on: CancelStage or ResumeStage named no stage
+//                       of the caller's (another principal's, or none)
+//   OUT_OF_RANGE        ResumeStage asked for events the log no longer keeps
+//   FAILED_PRECONDITION ResumeStage on a server without a shared event log
+//                       (no cluster.redis_url)
 //   ALREADY_EXISTS      a stage with this stage_id is already running
 //   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
 //                       or the request is larger than the server accepts (gRPC
@@ -71,6 +77,7 @@ const (
 	ToolchainService_StreamTools_FullMethodName     = "/toolchain.v1.ToolchainService/StreamTools"
 	ToolchainService_StreamSynthesis_FullMethodName = "/toolchain.v1.ToolchainService/StreamSynthesis"
 	ToolchainService_CancelStage_FullMethodName     = "/toolchain.v1.ToolchainService/CancelStage"
+	ToolchainService_ResumeStage_FullMethodName     = "/toolchain.v1.ToolchainService/ResumeStage"
 	ToolchainService_ListTools_FullMethodName       = "/toolchain.v1.ToolchainService/ListTools"
 )
 
@@ -98,11 +105,31 @@ type ToolchainServiceClient interface {
 	// Cancel or StageError). When the last tool round made no call there are no
 	// synthesis chunks and Done.text is that round's text.
 	StreamSynthesis(ctx context.Context, in *StreamSynthesisRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[StreamSynthesisResponse], error)
-	// CancelStage cancels a running stage, from any connection. Its stream ends
-	// with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-	// unary call ends with status CANCELLED. Unknown or finished stage_id:
-	// NOT_FOUND.
+	// CancelStage cancels a running stage, from any connection and, when the
+	// replicas share a registry (cluster.redis_url), on any replica. Its stream
+	// ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+	// running unary call ends with status CANCELLED. Unknown or finished
+	// stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+	// started it (its bearer token, or its mTLS client certificate's subject),
+	// and any id that names no running stage of the caller's, another
+	// principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+	// callers' stages exist.
 	CancelStage(ctx context.Context, in *CancelStageRequest, opts ...grpc.CallOption) (*CancelStageResponse, error)
+	// ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+	// whose connection dropped, on any replica: it replays the stage's events
+	// after `after_sequence`, in order, then follows the stage live to its
+	// terminal event and ends with the matching status, as the original stream
+	// would have. A stream whose connection drops (not a cancel) keeps its stage
+	// running for the server's resume grace period; when no ResumeStage comes in
+	// that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+	// resumable for a while after the stage ended. Needs the replicas' shared
+	// event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+	// stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+	// PERMISSION_DENIED unless the stage is the caller's). Events the log no
+	// longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+	// The replica running the stage stopped: a StageError event with reason
+	// STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+	ResumeStage(ctx context.Context, in *ResumeStageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ResumeStageResponse], error)
 	// ListTools lists the tools this server offers, with their JSON schemas.
 	ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error)
 }
@@ -183,6 +210,25 @@ func (c *toolchainServiceClient) CancelStage(ctx context.Context, in *CancelStag
 	return out, nil
 }
 
+func (c *toolchainServiceClient) ResumeStage(ctx context.Context, in *ResumeStageRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[ResumeStageResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ToolchainService_ServiceDesc.Streams[2], ToolchainService_ResumeStage_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ResumeStageRequest, ResumeStageResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ToolchainService_ResumeStageClient = grpc.ServerStreamingClient[ResumeStageResponse]
+
 func (c *toolchainServiceClient) ListTools(ctx context.Context, in *ListToolsRequest, opts ...grpc.CallOption) (*ListToolsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListToolsResponse)
@@ -217,11 +263,31 @@ type ToolchainServiceServer interface {
 	// Cancel or StageError). When the last tool round made no call there are no
 	// synthesis chunks and Done.text is that round's text.
 	StreamSynthesis(*StreamSynthesisRequest, grpc.ServerStreamingServer[StreamSynthesisResponse]) error
-	// CancelStage cancels a running stage, from any connection. Its stream ends
-	// with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-	// unary call ends with status CANCELLED. Unknown or finished stage_id:
-	// NOT_FOUND.
+	// CancelStage cancels a running stage, from any connection and, when the
+	// replicas share a registry (cluster.redis_url), on any replica. Its stream
+	// ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+	// running unary call ends with status CANCELLED. Unknown or finished
+	// stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+	// started it (its bearer token, or its mTLS client certificate's subject),
+	// and any id that names no running stage of the caller's, another
+	// principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+	// callers' stages exist.
 	CancelStage(context.Context, *CancelStageRequest) (*CancelStageResponse, error)
+	// ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+	// whose connection dropped, on any replica: it replays the stage's events
+	// after `after_sequence`, in order, then follows the stage live to its
+	// terminal event and ends with the matching status, as the original stream
+	// would have. A stream whose connection drops (not a cancel) keeps its stage
+	// running for the server's resume grace period; when no ResumeStage comes in
+	// that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+	// resumable for a while after the stage ended. Needs the replicas' shared
+	// event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+	// stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+	// PERMISSION_DENIED unless the stage is the caller's). Events the log no
+	// longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+	// The replica running the stage stopped: a StageError event with reason
+	// STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+	ResumeStage(*ResumeStageRequest, grpc.ServerStreamingServer[ResumeStageResponse]) error
 	// ListTools lists the tools this server offers, with their JSON schemas.
 	ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error)
 	mustEmbedUnimplementedToolchainServiceServer()
@@ -248,6 +314,9 @@ func (UnimplementedToolchainServiceServer) StreamSynthesis(*StreamSynthesisReque
 }
 func (UnimplementedToolchainServiceServer) CancelStage(context.Context, *CancelStageRequest) (*CancelStageResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CancelStage not implemented")
+}
+func (UnimplementedToolchainServiceServer) ResumeStage(*ResumeStageRequest, grpc.ServerStreamingServer[ResumeStageResponse]) error {
+	return status.Error(codes.Unimplemented, "method ResumeStage not implemented")
 }
 func (UnimplementedToolchainServiceServer) ListTools(context.Context, *ListToolsRequest) (*ListToolsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTools not implemented")
@@ -349,6 +418,17 @@ func _ToolchainService_CancelStage_Handler(srv interface{}, ctx context.Context,
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ToolchainService_ResumeStage_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(ResumeStageRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ToolchainServiceServer).ResumeStage(m, &grpc.GenericServerStream[ResumeStageRequest, ResumeStageResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ToolchainService_ResumeStageServer = grpc.ServerStreamingServer[ResumeStageResponse]
+
 func _ToolchainService_ListTools_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListToolsRequest)
 	if err := dec(in); err != nil {
@@ -400,6 +480,11 @@ var ToolchainService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "StreamSynthesis",
 			Handler:       _ToolchainService_StreamSynthesis_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "ResumeStage",
+			Handler:       _ToolchainService_ResumeStage_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -31,7 +31,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     NOT_FOUND: _ErrorReason.ValueType  # 2
     """NOT_FOUND: an unknown backend, model or tool name (the message lists the
-    names that exist), or CancelStage named no running stage.
+    names that exist), CancelStage named no running stage, or ResumeStage no
+    stage whose events are still kept.
     """
     MODEL_NOT_FOUND: _ErrorReason.ValueType  # 3
     """NOT_FOUND: the backend does not serve the model (HTTP 404)."""
@@ -89,6 +90,31 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL: a bug in this server. The message carries no internals; the
     server's log has the details.
     """
+    STAGE_NOT_OWNED: _ErrorReason.ValueType  # 18
+    """PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+    yours, or ResumeStage no stage of yours whose events are kept: another
+    principal's stage and no stage at all look the same, so that nobody
+    learns of other callers' stages.
+    """
+    RESUME_NOT_CONFIGURED: _ErrorReason.ValueType  # 19
+    """FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+    log (configure cluster.redis_url on every replica).
+    """
+    RESUME_EVENTS_DROPPED: _ErrorReason.ValueType  # 20
+    """OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+    (it keeps the last cluster.event_log_max_events of a stage). Run the stage
+    again, or resume sooner.
+    """
+    STAGE_OWNER_LOST: _ErrorReason.ValueType  # 21
+    """UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+    killed) before the stage ended. Run the stage again after the RetryInfo
+    delay.
+    """
+    REGISTRY_UNAVAILABLE: _ErrorReason.ValueType  # 22
+    """UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+    unreachable or did not answer in time, or the replica running the stage
+    did not answer. Retry after the RetryInfo delay.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `reason` the server puts in `google.rpc.ErrorInfo`
@@ -113,7 +139,8 @@ a valid request (a string that is not UTF-8). `google.rpc.BadRequest` (and
 """
 NOT_FOUND: ErrorReason.ValueType  # 2
 """NOT_FOUND: an unknown backend, model or tool name (the message lists the
-names that exist), or CancelStage named no running stage.
+names that exist), CancelStage named no running stage, or ResumeStage no
+stage whose events are still kept.
 """
 MODEL_NOT_FOUND: ErrorReason.ValueType  # 3
 """NOT_FOUND: the backend does not serve the model (HTTP 404)."""
@@ -170,5 +197,30 @@ INVALID_CREDENTIALS: ErrorReason.ValueType  # 16
 INTERNAL: ErrorReason.ValueType  # 17
 """INTERNAL: a bug in this server. The message carries no internals; the
 server's log has the details.
+"""
+STAGE_NOT_OWNED: ErrorReason.ValueType  # 18
+"""PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+yours, or ResumeStage no stage of yours whose events are kept: another
+principal's stage and no stage at all look the same, so that nobody
+learns of other callers' stages.
+"""
+RESUME_NOT_CONFIGURED: ErrorReason.ValueType  # 19
+"""FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+log (configure cluster.redis_url on every replica).
+"""
+RESUME_EVENTS_DROPPED: ErrorReason.ValueType  # 20
+"""OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+(it keeps the last cluster.event_log_max_events of a stage). Run the stage
+again, or resume sooner.
+"""
+STAGE_OWNER_LOST: ErrorReason.ValueType  # 21
+"""UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+killed) before the stage ended. Run the stage again after the RetryInfo
+delay.
+"""
+REGISTRY_UNAVAILABLE: ErrorReason.ValueType  # 22
+"""UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+unreachable or did not answer in time, or the replica running the stage
+did not answer. Retry after the RetryInfo delay.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

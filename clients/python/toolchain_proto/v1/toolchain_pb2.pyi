@@ -24,6 +24,12 @@ under protos/google/rpc (Apache-2.0, from googleapis). The status codes used:
                       request as malformed (HTTP 400/422)
   NOT_FOUND           unknown backend, model or tool name (the message lists
                       the names that exist), unknown stage_id in CancelStage
+                      or ResumeStage
+  PERMISSION_DENIED   with auth on: CancelStage or ResumeStage named no stage
+                      of the caller's (another principal's, or none)
+  OUT_OF_RANGE        ResumeStage asked for events the log no longer keeps
+  FAILED_PRECONDITION ResumeStage on a server without a shared event log
+                      (no cluster.redis_url)
   ALREADY_EXISTS      a stage with this stage_id is already running
   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
                       or the request is larger than the server accepts (gRPC
@@ -182,6 +188,11 @@ class _CancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelRe
     """The call's deadline passed; the status is DEADLINE_EXCEEDED."""
     CANCEL_REASON_SHUTDOWN: _CancelReason.ValueType  # 4
     """The server is shutting down and the drain grace period ended."""
+    CANCEL_REASON_DISCONNECTED: _CancelReason.ValueType  # 5
+    """The stream's connection dropped and no ResumeStage came within the
+    server's resume grace period; the status is CANCELLED. Only a ResumeStage
+    after that period sees this event.
+    """
 
 class CancelReason(_CancelReason, metaclass=_CancelReasonEnumTypeWrapper):
     """CancelReason says who cancelled a stage."""
@@ -196,6 +207,11 @@ CANCEL_REASON_DEADLINE: CancelReason.ValueType  # 3
 """The call's deadline passed; the status is DEADLINE_EXCEEDED."""
 CANCEL_REASON_SHUTDOWN: CancelReason.ValueType  # 4
 """The server is shutting down and the drain grace period ended."""
+CANCEL_REASON_DISCONNECTED: CancelReason.ValueType  # 5
+"""The stream's connection dropped and no ResumeStage came within the
+server's resume grace period; the status is CANCELLED. Only a ResumeStage
+after that period sees this event.
+"""
 Global___CancelReason: _TypeAlias = CancelReason  # noqa: Y015
 
 @_typing.final
@@ -1158,6 +1174,63 @@ class CancelStageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelStageResponse: _TypeAlias = CancelStageResponse  # noqa: Y015
+
+@_typing.final
+class ResumeStageRequest(_message.Message):
+    """ResumeStageRequest names the stage to resume and the last event received."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STAGE_ID_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    stage_id: _builtins.str
+    """The stage's id (every event carries it)."""
+    after_sequence: _builtins.int
+    """The sequence of the last event the caller received; the stream starts with
+    the event after it. Unset: from the first event (sequence 0).
+    """
+    def __init__(
+        self,
+        *,
+        stage_id: _builtins.str = ...,
+        after_sequence: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence", "stage_id", b"stage_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
+    _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_sequence) -> _WhichOneofReturnType__after_sequence | None: ...
+
+Global___ResumeStageRequest: _TypeAlias = ResumeStageRequest  # noqa: Y015
+
+@_typing.final
+class ResumeStageResponse(_message.Message):
+    """ResumeStageResponse is one message of a ResumeStage stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___StageEvent:
+        """The event, with the stage's own sequence; a StageError that the resume
+        itself ends with (OUT_OF_RANGE, STAGE_OWNER_LOST) takes the next sequence
+        the caller expects.
+        """
+
+    def __init__(
+        self,
+        *,
+        event: Global___StageEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeStageResponse: _TypeAlias = ResumeStageResponse  # noqa: Y015
 
 @_typing.final
 class ListToolsRequest(_message.Message):

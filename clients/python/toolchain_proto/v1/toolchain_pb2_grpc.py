@@ -61,6 +61,11 @@ class ToolchainServiceStub:
                 request_serializer=toolchain_dot_v1_dot_toolchain__pb2.CancelStageRequest.SerializeToString,
                 response_deserializer=toolchain_dot_v1_dot_toolchain__pb2.CancelStageResponse.FromString,
                 _registered_method=True)
+        self.ResumeStage = channel.unary_stream(
+                '/toolchain.v1.ToolchainService/ResumeStage',
+                request_serializer=toolchain_dot_v1_dot_toolchain__pb2.ResumeStageRequest.SerializeToString,
+                response_deserializer=toolchain_dot_v1_dot_toolchain__pb2.ResumeStageResponse.FromString,
+                _registered_method=True)
         self.ListTools = channel.unary_unary(
                 '/toolchain.v1.ToolchainService/ListTools',
                 request_serializer=toolchain_dot_v1_dot_toolchain__pb2.ListToolsRequest.SerializeToString,
@@ -111,10 +116,35 @@ class ToolchainServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelStage(self, request, context):
-        """CancelStage cancels a running stage, from any connection. Its stream ends
-        with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-        unary call ends with status CANCELLED. Unknown or finished stage_id:
-        NOT_FOUND.
+        """CancelStage cancels a running stage, from any connection and, when the
+        replicas share a registry (cluster.redis_url), on any replica. Its stream
+        ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+        running unary call ends with status CANCELLED. Unknown or finished
+        stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+        started it (its bearer token, or its mTLS client certificate's subject),
+        and any id that names no running stage of the caller's, another
+        principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+        callers' stages exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeStage(self, request, context):
+        """ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+        whose connection dropped, on any replica: it replays the stage's events
+        after `after_sequence`, in order, then follows the stage live to its
+        terminal event and ends with the matching status, as the original stream
+        would have. A stream whose connection drops (not a cancel) keeps its stage
+        running for the server's resume grace period; when no ResumeStage comes in
+        that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+        resumable for a while after the stage ended. Needs the replicas' shared
+        event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+        stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+        PERMISSION_DENIED unless the stage is the caller's). Events the log no
+        longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+        The replica running the stage stopped: a StageError event with reason
+        STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +184,11 @@ def add_ToolchainServiceServicer_to_server(servicer, server):
                     servicer.CancelStage,
                     request_deserializer=toolchain_dot_v1_dot_toolchain__pb2.CancelStageRequest.FromString,
                     response_serializer=toolchain_dot_v1_dot_toolchain__pb2.CancelStageResponse.SerializeToString,
+            ),
+            'ResumeStage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ResumeStage,
+                    request_deserializer=toolchain_dot_v1_dot_toolchain__pb2.ResumeStageRequest.FromString,
+                    response_serializer=toolchain_dot_v1_dot_toolchain__pb2.ResumeStageResponse.SerializeToString,
             ),
             'ListTools': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTools,
@@ -298,6 +333,33 @@ class ToolchainService:
             '/toolchain.v1.ToolchainService/CancelStage',
             toolchain_dot_v1_dot_toolchain__pb2.CancelStageRequest.SerializeToString,
             toolchain_dot_v1_dot_toolchain__pb2.CancelStageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/toolchain.v1.ToolchainService/ResumeStage',
+            toolchain_dot_v1_dot_toolchain__pb2.ResumeStageRequest.SerializeToString,
+            toolchain_dot_v1_dot_toolchain__pb2.ResumeStageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,12 @@ under protos/google/rpc (Apache-2.0, from googleapis). The status codes used:
                       request as malformed (HTTP 400/422)
   NOT_FOUND           unknown backend, model or tool name (the message lists
                       the names that exist), unknown stage_id in CancelStage
+                      or ResumeStage
+  PERMISSION_DENIED   with auth on: CancelStage or ResumeStage named no stage
+                      of the caller's (another principal's, or none)
+  OUT_OF_RANGE        ResumeStage asked for events the log no longer keeps
+  FAILED_PRECONDITION ResumeStage on a server without a shared event log
+                      (no cluster.redis_url)
   ALREADY_EXISTS      a stage with this stage_id is already running
   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
                       or the request is larger than the server accepts (gRPC
@@ -103,10 +109,31 @@ class ToolchainServiceStub:
     synthesis chunks and Done.text is that round's text.
     """
     CancelStage: _grpc.UnaryUnaryMultiCallable[_toolchain_pb2.CancelStageRequest, _toolchain_pb2.CancelStageResponse]
-    """CancelStage cancels a running stage, from any connection. Its stream ends
-    with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-    unary call ends with status CANCELLED. Unknown or finished stage_id:
-    NOT_FOUND.
+    """CancelStage cancels a running stage, from any connection and, when the
+    replicas share a registry (cluster.redis_url), on any replica. Its stream
+    ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+    running unary call ends with status CANCELLED. Unknown or finished
+    stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+    started it (its bearer token, or its mTLS client certificate's subject),
+    and any id that names no running stage of the caller's, another
+    principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+    callers' stages exist.
+    """
+    ResumeStage: _grpc.UnaryStreamMultiCallable[_toolchain_pb2.ResumeStageRequest, _toolchain_pb2.ResumeStageResponse]
+    """ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+    whose connection dropped, on any replica: it replays the stage's events
+    after `after_sequence`, in order, then follows the stage live to its
+    terminal event and ends with the matching status, as the original stream
+    would have. A stream whose connection drops (not a cancel) keeps its stage
+    running for the server's resume grace period; when no ResumeStage comes in
+    that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+    resumable for a while after the stage ended. Needs the replicas' shared
+    event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+    stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+    PERMISSION_DENIED unless the stage is the caller's). Events the log no
+    longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+    The replica running the stage stopped: a StageError event with reason
+    STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
     """
     ListTools: _grpc.UnaryUnaryMultiCallable[_toolchain_pb2.ListToolsRequest, _toolchain_pb2.ListToolsResponse]
     """ListTools lists the tools this server offers, with their JSON schemas."""
@@ -140,10 +167,31 @@ class ToolchainServiceAsyncStub(ToolchainServiceStub):
     synthesis chunks and Done.text is that round's text.
     """
     CancelStage: _aio.UnaryUnaryMultiCallable[_toolchain_pb2.CancelStageRequest, _toolchain_pb2.CancelStageResponse]  # type: ignore[assignment]
-    """CancelStage cancels a running stage, from any connection. Its stream ends
-    with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-    unary call ends with status CANCELLED. Unknown or finished stage_id:
-    NOT_FOUND.
+    """CancelStage cancels a running stage, from any connection and, when the
+    replicas share a registry (cluster.redis_url), on any replica. Its stream
+    ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+    running unary call ends with status CANCELLED. Unknown or finished
+    stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+    started it (its bearer token, or its mTLS client certificate's subject),
+    and any id that names no running stage of the caller's, another
+    principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+    callers' stages exist.
+    """
+    ResumeStage: _aio.UnaryStreamMultiCallable[_toolchain_pb2.ResumeStageRequest, _toolchain_pb2.ResumeStageResponse]  # type: ignore[assignment]
+    """ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+    whose connection dropped, on any replica: it replays the stage's events
+    after `after_sequence`, in order, then follows the stage live to its
+    terminal event and ends with the matching status, as the original stream
+    would have. A stream whose connection drops (not a cancel) keeps its stage
+    running for the server's resume grace period; when no ResumeStage comes in
+    that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+    resumable for a while after the stage ended. Needs the replicas' shared
+    event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+    stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+    PERMISSION_DENIED unless the stage is the caller's). Events the log no
+    longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+    The replica running the stage stopped: a StageError event with reason
+    STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
     """
     ListTools: _aio.UnaryUnaryMultiCallable[_toolchain_pb2.ListToolsRequest, _toolchain_pb2.ListToolsResponse]  # type: ignore[assignment]
     """ListTools lists the tools this server offers, with their JSON schemas."""
@@ -204,10 +252,37 @@ class ToolchainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _toolchain_pb2.CancelStageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_toolchain_pb2.CancelStageResponse, _abc.Awaitable[_toolchain_pb2.CancelStageResponse]]:
-        """CancelStage cancels a running stage, from any connection. Its stream ends
-        with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-        unary call ends with status CANCELLED. Unknown or finished stage_id:
-        NOT_FOUND.
+        """CancelStage cancels a running stage, from any connection and, when the
+        replicas share a registry (cluster.redis_url), on any replica. Its stream
+        ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+        running unary call ends with status CANCELLED. Unknown or finished
+        stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+        started it (its bearer token, or its mTLS client certificate's subject),
+        and any id that names no running stage of the caller's, another
+        principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+        callers' stages exist.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeStage(
+        self,
+        request: _toolchain_pb2.ResumeStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_toolchain_pb2.ResumeStageResponse], _abc.AsyncIterator[_toolchain_pb2.ResumeStageResponse]]:
+        """ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+        whose connection dropped, on any replica: it replays the stage's events
+        after `after_sequence`, in order, then follows the stage live to its
+        terminal event and ends with the matching status, as the original stream
+        would have. A stream whose connection drops (not a cancel) keeps its stage
+        running for the server's resume grace period; when no ResumeStage comes in
+        that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+        resumable for a while after the stage ended. Needs the replicas' shared
+        event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+        stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+        PERMISSION_DENIED unless the stage is the caller's). Events the log no
+        longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+        The replica running the stage stopped: a StageError event with reason
+        STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
         """
 
     @_abc_1.abstractmethod

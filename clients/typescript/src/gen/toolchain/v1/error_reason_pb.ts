@@ -11,7 +11,7 @@ import { enumDesc, fileDesc } from "@bufbuild/protobuf/codegenv2";
  * Describes the file toolchain/v1/error_reason.proto.
  */
 export const file_toolchain_v1_error_reason: GenFile = /*@__PURE__*/
-  fileDesc("Ch90b29sY2hhaW4vdjEvZXJyb3JfcmVhc29uLnByb3RvEgx0b29sY2hhaW4udjEqxwMKC0Vycm9yUmVhc29uEhwKGEVSUk9SX1JFQVNPTl9VTlNQRUNJRklFRBAAEhMKD0lOVkFMSURfUkVRVUVTVBABEg0KCU5PVF9GT1VORBACEhMKD01PREVMX05PVF9GT1VORBADEhkKFVNUQUdFX0FMUkVBRFlfUlVOTklORxAEEhUKEVNFUlZFUl9PVkVSTE9BREVEEAUSEwoPU0VSVkVSX0RSQUlOSU5HEAYSFwoTQkFDS0VORF9VTkFWQUlMQUJMRRAHEhgKFEJBQ0tFTkRfUkFURV9MSU1JVEVEEAgSFwoTQkFDS0VORF9BVVRIX0ZBSUxFRBAJEhwKGEJBQ0tFTkRfUkVKRUNURURfUkVRVUVTVBAKEhoKFkJBQ0tFTkRfUFJPVE9DT0xfRVJST1IQCxIeChpCQUNLRU5EX1JFU1BPTlNFX1RPT19MQVJHRRAMEhsKF0xPQ0FMX01PREVMX1VOQVZBSUxBQkxFEA0SFwoTTE9DQUxfTU9ERUxfQ1JBU0hFRBAOEhcKE01JU1NJTkdfQ1JFREVOVElBTFMQDxIXChNJTlZBTElEX0NSRURFTlRJQUxTEBASDAoISU5URVJOQUwQEUK0AQodaW8udG9vbGNoYWluZ3JwYy50b29sY2hhaW4udjFCEEVycm9yUmVhc29uUHJvdG9QAVpLZ2l0aHViLmNvbS90b29sY2hhaW4tZ3JwYy90b29sY2hhaW4tZ3JwYy9jbGllbnRzL2dvL3Rvb2xjaGFpbnYxO3Rvb2xjaGFpbnYxogIDVFhYqgIMVG9vbGNoYWluLlYxygIMVG9vbGNoYWluXFYx6gINVG9vbGNoYWluOjpWMWIGcHJvdG8z");
+  fileDesc("Ch90b29sY2hhaW4vdjEvZXJyb3JfcmVhc29uLnByb3RvEgx0b29sY2hhaW4udjEqwgQKC0Vycm9yUmVhc29uEhwKGEVSUk9SX1JFQVNPTl9VTlNQRUNJRklFRBAAEhMKD0lOVkFMSURfUkVRVUVTVBABEg0KCU5PVF9GT1VORBACEhMKD01PREVMX05PVF9GT1VORBADEhkKFVNUQUdFX0FMUkVBRFlfUlVOTklORxAEEhUKEVNFUlZFUl9PVkVSTE9BREVEEAUSEwoPU0VSVkVSX0RSQUlOSU5HEAYSFwoTQkFDS0VORF9VTkFWQUlMQUJMRRAHEhgKFEJBQ0tFTkRfUkFURV9MSU1JVEVEEAgSFwoTQkFDS0VORF9BVVRIX0ZBSUxFRBAJEhwKGEJBQ0tFTkRfUkVKRUNURURfUkVRVUVTVBAKEhoKFkJBQ0tFTkRfUFJPVE9DT0xfRVJST1IQCxIeChpCQUNLRU5EX1JFU1BPTlNFX1RPT19MQVJHRRAMEhsKF0xPQ0FMX01PREVMX1VOQVZBSUxBQkxFEA0SFwoTTE9DQUxfTU9ERUxfQ1JBU0hFRBAOEhcKE01JU1NJTkdfQ1JFREVOVElBTFMQDxIXChNJTlZBTElEX0NSRURFTlRJQUxTEBASDAoISU5URVJOQUwQERITCg9TVEFHRV9OT1RfT1dORUQQEhIZChVSRVNVTUVfTk9UX0NPTkZJR1VSRUQQExIZChVSRVNVTUVfRVZFTlRTX0RST1BQRUQQFBIUChBTVEFHRV9PV05FUl9MT1NUEBUSGAoUUkVHSVNUUllfVU5BVkFJTEFCTEUQFkK0AQodaW8udG9vbGNoYWluZ3JwYy50b29sY2hhaW4udjFCEEVycm9yUmVhc29uUHJvdG9QAVpLZ2l0aHViLmNvbS90b29sY2hhaW4tZ3JwYy90b29sY2hhaW4tZ3JwYy9jbGllbnRzL2dvL3Rvb2xjaGFpbnYxO3Rvb2xjaGFpbnYxogIDVFhYqgIMVG9vbGNoYWluLlYxygIMVG9vbGNoYWluXFYx6gINVG9vbGNoYWluOjpWMWIGcHJvdG8z");
 
 /**
  * ErrorReason lists every `reason` the server puts in `google.rpc.ErrorInfo`
@@ -47,7 +47,8 @@ export enum ErrorReason {
 
   /**
    * NOT_FOUND: an unknown backend, model or tool name (the message lists the
-   * names that exist), or CancelStage named no running stage.
+   * names that exist), CancelStage named no running stage, or ResumeStage no
+   * stage whose events are still kept.
    *
    * @generated from enum value: NOT_FOUND = 2;
    */
@@ -171,6 +172,51 @@ export enum ErrorReason {
    * @generated from enum value: INTERNAL = 17;
    */
   INTERNAL = 17,
+
+  /**
+   * PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+   * yours, or ResumeStage no stage of yours whose events are kept: another
+   * principal's stage and no stage at all look the same, so that nobody
+   * learns of other callers' stages.
+   *
+   * @generated from enum value: STAGE_NOT_OWNED = 18;
+   */
+  STAGE_NOT_OWNED = 18,
+
+  /**
+   * FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+   * log (configure cluster.redis_url on every replica).
+   *
+   * @generated from enum value: RESUME_NOT_CONFIGURED = 19;
+   */
+  RESUME_NOT_CONFIGURED = 19,
+
+  /**
+   * OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+   * (it keeps the last cluster.event_log_max_events of a stage). Run the stage
+   * again, or resume sooner.
+   *
+   * @generated from enum value: RESUME_EVENTS_DROPPED = 20;
+   */
+  RESUME_EVENTS_DROPPED = 20,
+
+  /**
+   * UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+   * killed) before the stage ended. Run the stage again after the RetryInfo
+   * delay.
+   *
+   * @generated from enum value: STAGE_OWNER_LOST = 21;
+   */
+  STAGE_OWNER_LOST = 21,
+
+  /**
+   * UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+   * unreachable or did not answer in time, or the replica running the stage
+   * did not answer. Retry after the RetryInfo delay.
+   *
+   * @generated from enum value: REGISTRY_UNAVAILABLE = 22;
+   */
+  REGISTRY_UNAVAILABLE = 22,
 }
 
 /**

@@ -21,6 +21,12 @@
 //                       request as malformed (HTTP 400/422)
 //   NOT_FOUND           unknown backend, model or tool name (the message lists
 //                       the names that exist), unknown stage_id in CancelStage
+//                       or ResumeStage
+//   PERMISSION_DENIED   with auth on: CancelStage or ResumeStage named no stage
+//                       of the caller's (another principal's, or none)
+//   OUT_OF_RANGE        ResumeStage asked for events the log no longer keeps
+//   FAILED_PRECONDITION ResumeStage on a server without a shared event log
+//                       (no cluster.redis_url)
 //   ALREADY_EXISTS      a stage with this stage_id is already running
 //   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
 //                       or the request is larger than the server accepts (gRPC
@@ -61,7 +67,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file toolchain/v1/toolchain.proto.
  */
 export const file_toolchain_v1_toolchain: GenFile = /*@__PURE__*/
-  fileDesc("Chx0b29sY2hhaW4vdjEvdG9vbGNoYWluLnByb3RvEgx0b29sY2hhaW4udjEi1QIKDFN0YWdlUmVxdWVzdBIQCghzdGFnZV9pZBgBIAEoCRIVCg1zeXN0ZW1fcHJvbXB0GAIgASgJEhMKC3VzZXJfcHJvbXB0GAMgASgJEg0KBW1vZGVsGAQgASgJEg8KB2JhY2tlbmQYBSABKAkSLgoKdG9vbF9waGFzZRgGIAEoCzIaLnRvb2xjaGFpbi52MS5QaGFzZU9wdGlvbnMSMwoPc3ludGhlc2lzX3BoYXNlGAcgASgLMhoudG9vbGNoYWluLnYxLlBoYXNlT3B0aW9ucxINCgV0b29scxgIIAMoCRIXCgptYXhfcm91bmRzGAkgASgFSACIAQESLQoLdG9vbF9jaG9pY2UYCiABKAsyGC50b29sY2hhaW4udjEuVG9vbENob2ljZRIcChRyZXBhaXJfaW52YWxpZF9jYWxscxgLIAEoCEINCgtfbWF4X3JvdW5kcyJUCgpUb29sQ2hvaWNlEiwKBG1vZGUYASABKA4yHC50b29sY2hhaW4udjEuVG9vbENob2ljZU1vZGVIABIOCgR0b29sGAIgASgJSABCCAoGY2hvaWNlImAKDFBoYXNlT3B0aW9ucxIXCgptYXhfdG9rZW5zGAEgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYAiABKAFIAYgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmUiPAoPUnVuVG9vbHNSZXF1ZXN0EikKBXN0YWdlGAEgASgLMhoudG9vbGNoYWluLnYxLlN0YWdlUmVxdWVzdCKHAgoQUnVuVG9vbHNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIyCgx0b29sX3Jlc3VsdHMYAiADKAsyHC50b29sY2hhaW4udjEuVG9vbENhbGxSZXN1bHQSDAoEdGV4dBgDIAEoCRIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBSADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAYgASgIEigKC3RvdGFsX3VzYWdlGAcgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkAKE1J1blN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0Ir4CChRSdW5TeW50aGVzaXNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIMCgR0ZXh0GAIgASgJEjIKDHRvb2xfcmVzdWx0cxgDIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSMQoPc3ludGhlc2lzX3BoYXNlGAUgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBiADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAcgASgIEigKC3RvdGFsX3VzYWdlGAggASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIj8KElN0cmVhbVRvb2xzUmVxdWVzdBIpCgVzdGFnZRgBIAEoCzIaLnRvb2xjaGFpbi52MS5TdGFnZVJlcXVlc3QiPgoTU3RyZWFtVG9vbHNSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLnRvb2xjaGFpbi52MS5TdGFnZUV2ZW50IkMKFlN0cmVhbVN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0IkIKF1N0cmVhbVN5bnRoZXNpc1Jlc3BvbnNlEicKBWV2ZW50GAEgASgLMhgudG9vbGNoYWluLnYxLlN0YWdlRXZlbnQiiQIKClN0YWdlRXZlbnQSEAoIc3RhZ2VfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKA0SJAoFY2h1bmsYAyABKAsyEy50b29sY2hhaW4udjEuQ2h1bmtIABIxCgx0b29sX3N1bW1hcnkYBCABKAsyGS50b29sY2hhaW4udjEuVG9vbFN1bW1hcnlIABIiCgRkb25lGAUgASgLMhIudG9vbGNoYWluLnYxLkRvbmVIABImCgZjYW5jZWwYBiABKAsyFC50b29sY2hhaW4udjEuQ2FuY2VsSAASKQoFZXJyb3IYByABKAsyGC50b29sY2hhaW4udjEuU3RhZ2VFcnJvckgAQgcKBWV2ZW50IpMBCgVDaHVuaxIiCgVwaGFzZRgBIAEoDjITLnRvb2xjaGFpbi52MS5QaGFzZRIPCgdjb250ZW50GAIgASgJEi8KCnRvb2xfY2FsbHMYAyADKAsyGy50b29sY2hhaW4udjEuVG9vbENhbGxEZWx0YRIVCg1maW5pc2hfcmVhc29uGAQgASgJEg0KBXJvdW5kGAUgASgFIlQKDVRvb2xDYWxsRGVsdGESDQoFaW5kZXgYASABKAUSCgoCaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIaChJhcmd1bWVudHNfZnJhZ21lbnQYBCABKAkiSwoLVG9vbFN1bW1hcnkSLQoHcmVzdWx0cxgBIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBINCgVyb3VuZBgCIAEoBSL5AQoOVG9vbENhbGxSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJEioKB291dGNvbWUYBCABKA4yGS50b29sY2hhaW4udjEuVG9vbE91dGNvbWUSJgoGcmVzdWx0GAUgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEg0KBWVycm9yGAYgASgJEisKCGR1cmF0aW9uGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg0KBXJvdW5kGAggASgFEhEKCXRydW5jYXRlZBgJIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgFEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgFEhQKDHRvdGFsX3Rva2VucxgDIAEoBSKjAQoKUGhhc2VTdGF0cxIVCg1maW5pc2hfcmVhc29uGAEgASgJEiIKBXVzYWdlGAIgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB3JldHJpZXMYBCABKAUSDQoFbW9kZWwYBSABKAkSDQoFcm91bmQYBiABKAUi6AEKBERvbmUSLAoKdG9vbF9waGFzZRgBIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEjEKD3N5bnRoZXNpc19waGFzZRgCIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEgwKBHRleHQYAyABKAkSLQoLdG9vbF9yb3VuZHMYBCADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAUgASgIEigKC3RvdGFsX3VzYWdlGAYgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkUKBkNhbmNlbBIqCgZyZWFzb24YASABKA4yGi50b29sY2hhaW4udjEuQ2FuY2VsUmVhc29uEg8KB21lc3NhZ2UYAiABKAki4wEKClN0YWdlRXJyb3ISDAoEY29kZRgBIAEoBRIPCgdtZXNzYWdlGAIgASgJEiIKBXBoYXNlGAMgASgOMhMudG9vbGNoYWluLnYxLlBoYXNlEhEKCXJldHJ5YWJsZRgEIAEoCBIOCgZyZWFzb24YBSABKAkSLgoLcmV0cnlfZGVsYXkYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SPwoQZmllbGRfdmlvbGF0aW9ucxgHIAMoCzIlLmdvb2dsZS5ycGMuQmFkUmVxdWVzdC5GaWVsZFZpb2xhdGlvbiImChJDYW5jZWxTdGFnZVJlcXVlc3QSEAoIc3RhZ2VfaWQYASABKAkiJwoTQ2FuY2VsU3RhZ2VSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCSISChBMaXN0VG9vbHNSZXF1ZXN0IjYKEUxpc3RUb29sc1Jlc3BvbnNlEiEKBXRvb2xzGAEgAygLMhIudG9vbGNoYWluLnYxLlRvb2wisAEKBFRvb2wSDAoEbmFtZRgBIAEoCRITCgtkZXNjcmlwdGlvbhgCIAEoCRIyChFwYXJhbWV0ZXJzX3NjaGVtYRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKgoHdGltZW91dBgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIOCgZzb3VyY2UYBiABKAlKBAgEEAVSD3RpbWVvdXRfc2Vjb25kcyqHAQoOVG9vbENob2ljZU1vZGUSIAocVE9PTF9DSE9JQ0VfTU9ERV9VTlNQRUNJRklFRBAAEhkKFVRPT0xfQ0hPSUNFX01PREVfQVVUTxABEh0KGVRPT0xfQ0hPSUNFX01PREVfUkVRVUlSRUQQAhIZChVUT09MX0NIT0lDRV9NT0RFX05PTkUQAypDCgVQaGFzZRIVChFQSEFTRV9VTlNQRUNJRklFRBAAEg4KClBIQVNFX1RPT0wQARITCg9QSEFTRV9TWU5USEVTSVMQAirSAQoLVG9vbE91dGNvbWUSHAoYVE9PTF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASEwoPVE9PTF9PVVRDT01FX09LEAESIgoeVE9PTF9PVVRDT01FX0lOVkFMSURfQVJHVU1FTlRTEAISHQoZVE9PTF9PVVRDT01FX1VOS05PV05fVE9PTBADEhcKE1RPT0xfT1VUQ09NRV9GQUlMRUQQBBIaChZUT09MX09VVENPTUVfVElNRURfT1VUEAUSGAoUVE9PTF9PVVRDT01FX1NLSVBQRUQQBiqfAQoMQ2FuY2VsUmVhc29uEh0KGUNBTkNFTF9SRUFTT05fVU5TUEVDSUZJRUQQABIYChRDQU5DRUxfUkVBU09OX0NMSUVOVBABEh4KGkNBTkNFTF9SRUFTT05fQ0FOQ0VMX1NUQUdFEAISGgoWQ0FOQ0VMX1JFQVNPTl9ERUFETElORRADEhoKFkNBTkNFTF9SRUFTT05fU0hVVERPV04QBDKOBAoQVG9vbGNoYWluU2VydmljZRJJCghSdW5Ub29scxIdLnRvb2xjaGFpbi52MS5SdW5Ub29sc1JlcXVlc3QaHi50b29sY2hhaW4udjEuUnVuVG9vbHNSZXNwb25zZRJVCgxSdW5TeW50aGVzaXMSIS50b29sY2hhaW4udjEuUnVuU3ludGhlc2lzUmVxdWVzdBoiLnRvb2xjaGFpbi52MS5SdW5TeW50aGVzaXNSZXNwb25zZRJUCgtTdHJlYW1Ub29scxIgLnRvb2xjaGFpbi52MS5TdHJlYW1Ub29sc1JlcXVlc3QaIS50b29sY2hhaW4udjEuU3RyZWFtVG9vbHNSZXNwb25zZTABEmAKD1N0cmVhbVN5bnRoZXNpcxIkLnRvb2xjaGFpbi52MS5TdHJlYW1TeW50aGVzaXNSZXF1ZXN0GiUudG9vbGNoYWluLnYxLlN0cmVhbVN5bnRoZXNpc1Jlc3BvbnNlMAESUgoLQ2FuY2VsU3RhZ2USIC50b29sY2hhaW4udjEuQ2FuY2VsU3RhZ2VSZXF1ZXN0GiEudG9vbGNoYWluLnYxLkNhbmNlbFN0YWdlUmVzcG9uc2USTAoJTGlzdFRvb2xzEh4udG9vbGNoYWluLnYxLkxpc3RUb29sc1JlcXVlc3QaHy50b29sY2hhaW4udjEuTGlzdFRvb2xzUmVzcG9uc2VCsgEKHWlvLnRvb2xjaGFpbmdycGMudG9vbGNoYWluLnYxQg5Ub29sY2hhaW5Qcm90b1ABWktnaXRodWIuY29tL3Rvb2xjaGFpbi1ncnBjL3Rvb2xjaGFpbi1ncnBjL2NsaWVudHMvZ28vdG9vbGNoYWludjE7dG9vbGNoYWludjGiAgNUWFiqAgxUb29sY2hhaW4uVjHKAgxUb29sY2hhaW5cVjHqAg1Ub29sY2hhaW46OlYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_rpc_error_details]);
+  fileDesc("Chx0b29sY2hhaW4vdjEvdG9vbGNoYWluLnByb3RvEgx0b29sY2hhaW4udjEi1QIKDFN0YWdlUmVxdWVzdBIQCghzdGFnZV9pZBgBIAEoCRIVCg1zeXN0ZW1fcHJvbXB0GAIgASgJEhMKC3VzZXJfcHJvbXB0GAMgASgJEg0KBW1vZGVsGAQgASgJEg8KB2JhY2tlbmQYBSABKAkSLgoKdG9vbF9waGFzZRgGIAEoCzIaLnRvb2xjaGFpbi52MS5QaGFzZU9wdGlvbnMSMwoPc3ludGhlc2lzX3BoYXNlGAcgASgLMhoudG9vbGNoYWluLnYxLlBoYXNlT3B0aW9ucxINCgV0b29scxgIIAMoCRIXCgptYXhfcm91bmRzGAkgASgFSACIAQESLQoLdG9vbF9jaG9pY2UYCiABKAsyGC50b29sY2hhaW4udjEuVG9vbENob2ljZRIcChRyZXBhaXJfaW52YWxpZF9jYWxscxgLIAEoCEINCgtfbWF4X3JvdW5kcyJUCgpUb29sQ2hvaWNlEiwKBG1vZGUYASABKA4yHC50b29sY2hhaW4udjEuVG9vbENob2ljZU1vZGVIABIOCgR0b29sGAIgASgJSABCCAoGY2hvaWNlImAKDFBoYXNlT3B0aW9ucxIXCgptYXhfdG9rZW5zGAEgASgFSACIAQESGAoLdGVtcGVyYXR1cmUYAiABKAFIAYgBAUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmUiPAoPUnVuVG9vbHNSZXF1ZXN0EikKBXN0YWdlGAEgASgLMhoudG9vbGNoYWluLnYxLlN0YWdlUmVxdWVzdCKHAgoQUnVuVG9vbHNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIyCgx0b29sX3Jlc3VsdHMYAiADKAsyHC50b29sY2hhaW4udjEuVG9vbENhbGxSZXN1bHQSDAoEdGV4dBgDIAEoCRIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBSADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAYgASgIEigKC3RvdGFsX3VzYWdlGAcgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkAKE1J1blN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0Ir4CChRSdW5TeW50aGVzaXNSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCRIMCgR0ZXh0GAIgASgJEjIKDHRvb2xfcmVzdWx0cxgDIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBIsCgp0b29sX3BoYXNlGAQgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSMQoPc3ludGhlc2lzX3BoYXNlGAUgASgLMhgudG9vbGNoYWluLnYxLlBoYXNlU3RhdHMSLQoLdG9vbF9yb3VuZHMYBiADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAcgASgIEigKC3RvdGFsX3VzYWdlGAggASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIj8KElN0cmVhbVRvb2xzUmVxdWVzdBIpCgVzdGFnZRgBIAEoCzIaLnRvb2xjaGFpbi52MS5TdGFnZVJlcXVlc3QiPgoTU3RyZWFtVG9vbHNSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLnRvb2xjaGFpbi52MS5TdGFnZUV2ZW50IkMKFlN0cmVhbVN5bnRoZXNpc1JlcXVlc3QSKQoFc3RhZ2UYASABKAsyGi50b29sY2hhaW4udjEuU3RhZ2VSZXF1ZXN0IkIKF1N0cmVhbVN5bnRoZXNpc1Jlc3BvbnNlEicKBWV2ZW50GAEgASgLMhgudG9vbGNoYWluLnYxLlN0YWdlRXZlbnQiiQIKClN0YWdlRXZlbnQSEAoIc3RhZ2VfaWQYASABKAkSEAoIc2VxdWVuY2UYAiABKA0SJAoFY2h1bmsYAyABKAsyEy50b29sY2hhaW4udjEuQ2h1bmtIABIxCgx0b29sX3N1bW1hcnkYBCABKAsyGS50b29sY2hhaW4udjEuVG9vbFN1bW1hcnlIABIiCgRkb25lGAUgASgLMhIudG9vbGNoYWluLnYxLkRvbmVIABImCgZjYW5jZWwYBiABKAsyFC50b29sY2hhaW4udjEuQ2FuY2VsSAASKQoFZXJyb3IYByABKAsyGC50b29sY2hhaW4udjEuU3RhZ2VFcnJvckgAQgcKBWV2ZW50IpMBCgVDaHVuaxIiCgVwaGFzZRgBIAEoDjITLnRvb2xjaGFpbi52MS5QaGFzZRIPCgdjb250ZW50GAIgASgJEi8KCnRvb2xfY2FsbHMYAyADKAsyGy50b29sY2hhaW4udjEuVG9vbENhbGxEZWx0YRIVCg1maW5pc2hfcmVhc29uGAQgASgJEg0KBXJvdW5kGAUgASgFIlQKDVRvb2xDYWxsRGVsdGESDQoFaW5kZXgYASABKAUSCgoCaWQYAiABKAkSDAoEbmFtZRgDIAEoCRIaChJhcmd1bWVudHNfZnJhZ21lbnQYBCABKAkiSwoLVG9vbFN1bW1hcnkSLQoHcmVzdWx0cxgBIAMoCzIcLnRvb2xjaGFpbi52MS5Ub29sQ2FsbFJlc3VsdBINCgVyb3VuZBgCIAEoBSL5AQoOVG9vbENhbGxSZXN1bHQSDwoHY2FsbF9pZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEQoJYXJndW1lbnRzGAMgASgJEioKB291dGNvbWUYBCABKA4yGS50b29sY2hhaW4udjEuVG9vbE91dGNvbWUSJgoGcmVzdWx0GAUgASgLMhYuZ29vZ2xlLnByb3RvYnVmLlZhbHVlEg0KBWVycm9yGAYgASgJEisKCGR1cmF0aW9uGAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg0KBXJvdW5kGAggASgFEhEKCXRydW5jYXRlZBgJIAEoCCJPCgVVc2FnZRIVCg1wcm9tcHRfdG9rZW5zGAEgASgFEhkKEWNvbXBsZXRpb25fdG9rZW5zGAIgASgFEhQKDHRvdGFsX3Rva2VucxgDIAEoBSKjAQoKUGhhc2VTdGF0cxIVCg1maW5pc2hfcmVhc29uGAEgASgJEiIKBXVzYWdlGAIgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg8KB3JldHJpZXMYBCABKAUSDQoFbW9kZWwYBSABKAkSDQoFcm91bmQYBiABKAUi6AEKBERvbmUSLAoKdG9vbF9waGFzZRgBIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEjEKD3N5bnRoZXNpc19waGFzZRgCIAEoCzIYLnRvb2xjaGFpbi52MS5QaGFzZVN0YXRzEgwKBHRleHQYAyABKAkSLQoLdG9vbF9yb3VuZHMYBCADKAsyGC50b29sY2hhaW4udjEuUGhhc2VTdGF0cxIYChByb3VuZHNfZXhoYXVzdGVkGAUgASgIEigKC3RvdGFsX3VzYWdlGAYgASgLMhMudG9vbGNoYWluLnYxLlVzYWdlIkUKBkNhbmNlbBIqCgZyZWFzb24YASABKA4yGi50b29sY2hhaW4udjEuQ2FuY2VsUmVhc29uEg8KB21lc3NhZ2UYAiABKAki4wEKClN0YWdlRXJyb3ISDAoEY29kZRgBIAEoBRIPCgdtZXNzYWdlGAIgASgJEiIKBXBoYXNlGAMgASgOMhMudG9vbGNoYWluLnYxLlBoYXNlEhEKCXJldHJ5YWJsZRgEIAEoCBIOCgZyZWFzb24YBSABKAkSLgoLcmV0cnlfZGVsYXkYBiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SPwoQZmllbGRfdmlvbGF0aW9ucxgHIAMoCzIlLmdvb2dsZS5ycGMuQmFkUmVxdWVzdC5GaWVsZFZpb2xhdGlvbiImChJDYW5jZWxTdGFnZVJlcXVlc3QSEAoIc3RhZ2VfaWQYASABKAkiJwoTQ2FuY2VsU3RhZ2VSZXNwb25zZRIQCghzdGFnZV9pZBgBIAEoCSJWChJSZXN1bWVTdGFnZVJlcXVlc3QSEAoIc3RhZ2VfaWQYASABKAkSGwoOYWZ0ZXJfc2VxdWVuY2UYAiABKA1IAIgBAUIRCg9fYWZ0ZXJfc2VxdWVuY2UiPgoTUmVzdW1lU3RhZ2VSZXNwb25zZRInCgVldmVudBgBIAEoCzIYLnRvb2xjaGFpbi52MS5TdGFnZUV2ZW50IhIKEExpc3RUb29sc1JlcXVlc3QiNgoRTGlzdFRvb2xzUmVzcG9uc2USIQoFdG9vbHMYASADKAsyEi50b29sY2hhaW4udjEuVG9vbCKwAQoEVG9vbBIMCgRuYW1lGAEgASgJEhMKC2Rlc2NyaXB0aW9uGAIgASgJEjIKEXBhcmFtZXRlcnNfc2NoZW1hGAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIqCgd0aW1lb3V0GAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEg4KBnNvdXJjZRgGIAEoCUoECAQQBVIPdGltZW91dF9zZWNvbmRzKocBCg5Ub29sQ2hvaWNlTW9kZRIgChxUT09MX0NIT0lDRV9NT0RFX1VOU1BFQ0lGSUVEEAASGQoVVE9PTF9DSE9JQ0VfTU9ERV9BVVRPEAESHQoZVE9PTF9DSE9JQ0VfTU9ERV9SRVFVSVJFRBACEhkKFVRPT0xfQ0hPSUNFX01PREVfTk9ORRADKkMKBVBoYXNlEhUKEVBIQVNFX1VOU1BFQ0lGSUVEEAASDgoKUEhBU0VfVE9PTBABEhMKD1BIQVNFX1NZTlRIRVNJUxACKtIBCgtUb29sT3V0Y29tZRIcChhUT09MX09VVENPTUVfVU5TUEVDSUZJRUQQABITCg9UT09MX09VVENPTUVfT0sQARIiCh5UT09MX09VVENPTUVfSU5WQUxJRF9BUkdVTUVOVFMQAhIdChlUT09MX09VVENPTUVfVU5LTk9XTl9UT09MEAMSFwoTVE9PTF9PVVRDT01FX0ZBSUxFRBAEEhoKFlRPT0xfT1VUQ09NRV9USU1FRF9PVVQQBRIYChRUT09MX09VVENPTUVfU0tJUFBFRBAGKr8BCgxDYW5jZWxSZWFzb24SHQoZQ0FOQ0VMX1JFQVNPTl9VTlNQRUNJRklFRBAAEhgKFENBTkNFTF9SRUFTT05fQ0xJRU5UEAESHgoaQ0FOQ0VMX1JFQVNPTl9DQU5DRUxfU1RBR0UQAhIaChZDQU5DRUxfUkVBU09OX0RFQURMSU5FEAMSGgoWQ0FOQ0VMX1JFQVNPTl9TSFVURE9XThAEEh4KGkNBTkNFTF9SRUFTT05fRElTQ09OTkVDVEVEEAUy5AQKEFRvb2xjaGFpblNlcnZpY2USSQoIUnVuVG9vbHMSHS50b29sY2hhaW4udjEuUnVuVG9vbHNSZXF1ZXN0Gh4udG9vbGNoYWluLnYxLlJ1blRvb2xzUmVzcG9uc2USVQoMUnVuU3ludGhlc2lzEiEudG9vbGNoYWluLnYxLlJ1blN5bnRoZXNpc1JlcXVlc3QaIi50b29sY2hhaW4udjEuUnVuU3ludGhlc2lzUmVzcG9uc2USVAoLU3RyZWFtVG9vbHMSIC50b29sY2hhaW4udjEuU3RyZWFtVG9vbHNSZXF1ZXN0GiEudG9vbGNoYWluLnYxLlN0cmVhbVRvb2xzUmVzcG9uc2UwARJgCg9TdHJlYW1TeW50aGVzaXMSJC50b29sY2hhaW4udjEuU3RyZWFtU3ludGhlc2lzUmVxdWVzdBolLnRvb2xjaGFpbi52MS5TdHJlYW1TeW50aGVzaXNSZXNwb25zZTABElIKC0NhbmNlbFN0YWdlEiAudG9vbGNoYWluLnYxLkNhbmNlbFN0YWdlUmVxdWVzdBohLnRvb2xjaGFpbi52MS5DYW5jZWxTdGFnZVJlc3BvbnNlElQKC1Jlc3VtZVN0YWdlEiAudG9vbGNoYWluLnYxLlJlc3VtZVN0YWdlUmVxdWVzdBohLnRvb2xjaGFpbi52MS5SZXN1bWVTdGFnZVJlc3BvbnNlMAESTAoJTGlzdFRvb2xzEh4udG9vbGNoYWluLnYxLkxpc3RUb29sc1JlcXVlc3QaHy50b29sY2hhaW4udjEuTGlzdFRvb2xzUmVzcG9uc2VCsgEKHWlvLnRvb2xjaGFpbmdycGMudG9vbGNoYWluLnYxQg5Ub29sY2hhaW5Qcm90b1ABWktnaXRodWIuY29tL3Rvb2xjaGFpbi1ncnBjL3Rvb2xjaGFpbi1ncnBjL2NsaWVudHMvZ28vdG9vbGNoYWludjE7dG9vbGNoYWludjGiAgNUWFiqAgxUb29sY2hhaW4uVjHKAgxUb29sY2hhaW5cVjHqAg1Ub29sY2hhaW46OlYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_rpc_error_details]);
 
 /**
  * StageRequest describes one stage; the four stage RPCs all carry it.
@@ -1098,6 +1104,58 @@ export const CancelStageResponseSchema: GenMessage<CancelStageResponse> = /*@__P
   messageDesc(file_toolchain_v1_toolchain, 22);
 
 /**
+ * ResumeStageRequest names the stage to resume and the last event received.
+ *
+ * @generated from message toolchain.v1.ResumeStageRequest
+ */
+export type ResumeStageRequest = Message<"toolchain.v1.ResumeStageRequest"> & {
+  /**
+   * The stage's id (every event carries it).
+   *
+   * @generated from field: string stage_id = 1;
+   */
+  stageId: string;
+
+  /**
+   * The sequence of the last event the caller received; the stream starts with
+   * the event after it. Unset: from the first event (sequence 0).
+   *
+   * @generated from field: optional uint32 after_sequence = 2;
+   */
+  afterSequence?: number | undefined;
+};
+
+/**
+ * Describes the message toolchain.v1.ResumeStageRequest.
+ * Use `create(ResumeStageRequestSchema)` to create a new message.
+ */
+export const ResumeStageRequestSchema: GenMessage<ResumeStageRequest> = /*@__PURE__*/
+  messageDesc(file_toolchain_v1_toolchain, 23);
+
+/**
+ * ResumeStageResponse is one message of a ResumeStage stream.
+ *
+ * @generated from message toolchain.v1.ResumeStageResponse
+ */
+export type ResumeStageResponse = Message<"toolchain.v1.ResumeStageResponse"> & {
+  /**
+   * The event, with the stage's own sequence; a StageError that the resume
+   * itself ends with (OUT_OF_RANGE, STAGE_OWNER_LOST) takes the next sequence
+   * the caller expects.
+   *
+   * @generated from field: toolchain.v1.StageEvent event = 1;
+   */
+  event?: StageEvent | undefined;
+};
+
+/**
+ * Describes the message toolchain.v1.ResumeStageResponse.
+ * Use `create(ResumeStageResponseSchema)` to create a new message.
+ */
+export const ResumeStageResponseSchema: GenMessage<ResumeStageResponse> = /*@__PURE__*/
+  messageDesc(file_toolchain_v1_toolchain, 24);
+
+/**
  * ListToolsRequest asks for the server's tools.
  *
  * @generated from message toolchain.v1.ListToolsRequest
@@ -1110,7 +1168,7 @@ export type ListToolsRequest = Message<"toolchain.v1.ListToolsRequest"> & {
  * Use `create(ListToolsRequestSchema)` to create a new message.
  */
 export const ListToolsRequestSchema: GenMessage<ListToolsRequest> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 23);
+  messageDesc(file_toolchain_v1_toolchain, 25);
 
 /**
  * ListToolsResponse lists the server's tools.
@@ -1131,7 +1189,7 @@ export type ListToolsResponse = Message<"toolchain.v1.ListToolsResponse"> & {
  * Use `create(ListToolsResponseSchema)` to create a new message.
  */
 export const ListToolsResponseSchema: GenMessage<ListToolsResponse> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 24);
+  messageDesc(file_toolchain_v1_toolchain, 26);
 
 /**
  * Tool describes one tool the model may call.
@@ -1181,7 +1239,7 @@ export type Tool = Message<"toolchain.v1.Tool"> & {
  * Use `create(ToolSchema)` to create a new message.
  */
 export const ToolSchema: GenMessage<Tool> = /*@__PURE__*/
-  messageDesc(file_toolchain_v1_toolchain, 25);
+  messageDesc(file_toolchain_v1_toolchain, 27);
 
 /**
  * ToolChoiceMode is what the model must do about the offered tools.
@@ -1362,6 +1420,15 @@ export enum CancelReason {
    * @generated from enum value: CANCEL_REASON_SHUTDOWN = 4;
    */
   SHUTDOWN = 4,
+
+  /**
+   * The stream's connection dropped and no ResumeStage came within the
+   * server's resume grace period; the status is CANCELLED. Only a ResumeStage
+   * after that period sees this event.
+   *
+   * @generated from enum value: CANCEL_REASON_DISCONNECTED = 5;
+   */
+  DISCONNECTED = 5,
 }
 
 /**
@@ -1427,10 +1494,15 @@ export const ToolchainService: GenService<{
     output: typeof StreamSynthesisResponseSchema;
   },
   /**
-   * CancelStage cancels a running stage, from any connection. Its stream ends
-   * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-   * unary call ends with status CANCELLED. Unknown or finished stage_id:
-   * NOT_FOUND.
+   * CancelStage cancels a running stage, from any connection and, when the
+   * replicas share a registry (cluster.redis_url), on any replica. Its stream
+   * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+   * running unary call ends with status CANCELLED. Unknown or finished
+   * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+   * started it (its bearer token, or its mTLS client certificate's subject),
+   * and any id that names no running stage of the caller's, another
+   * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+   * callers' stages exist.
    *
    * @generated from rpc toolchain.v1.ToolchainService.CancelStage
    */
@@ -1438,6 +1510,29 @@ export const ToolchainService: GenService<{
     methodKind: "unary";
     input: typeof CancelStageRequestSchema;
     output: typeof CancelStageResponseSchema;
+  },
+  /**
+   * ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+   * whose connection dropped, on any replica: it replays the stage's events
+   * after `after_sequence`, in order, then follows the stage live to its
+   * terminal event and ends with the matching status, as the original stream
+   * would have. A stream whose connection drops (not a cancel) keeps its stage
+   * running for the server's resume grace period; when no ResumeStage comes in
+   * that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+   * resumable for a while after the stage ended. Needs the replicas' shared
+   * event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+   * stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+   * PERMISSION_DENIED unless the stage is the caller's). Events the log no
+   * longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+   * The replica running the stage stopped: a StageError event with reason
+   * STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+   *
+   * @generated from rpc toolchain.v1.ToolchainService.ResumeStage
+   */
+  resumeStage: {
+    methodKind: "server_streaming";
+    input: typeof ResumeStageRequestSchema;
+    output: typeof ResumeStageResponseSchema;
   },
   /**
    * ListTools lists the tools this server offers, with their JSON schemas.

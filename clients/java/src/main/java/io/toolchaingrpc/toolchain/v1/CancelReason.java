@@ -55,6 +55,16 @@ public enum CancelReason
    * <code>CANCEL_REASON_SHUTDOWN = 4;</code>
    */
   CANCEL_REASON_SHUTDOWN(4),
+  /**
+   * <pre>
+   * The stream's connection dropped and no ResumeStage came within the
+   * server's resume grace period; the status is CANCELLED. Only a ResumeStage
+   * after that period sees this event.
+   * </pre>
+   *
+   * <code>CANCEL_REASON_DISCONNECTED = 5;</code>
+   */
+  CANCEL_REASON_DISCONNECTED(5),
   UNRECOGNIZED(-1),
   ;
 
@@ -107,6 +117,16 @@ public enum CancelReason
    * <code>CANCEL_REASON_SHUTDOWN = 4;</code>
    */
   public static final int CANCEL_REASON_SHUTDOWN_VALUE = 4;
+  /**
+   * <pre>
+   * The stream's connection dropped and no ResumeStage came within the
+   * server's resume grace period; the status is CANCELLED. Only a ResumeStage
+   * after that period sees this event.
+   * </pre>
+   *
+   * <code>CANCEL_REASON_DISCONNECTED = 5;</code>
+   */
+  public static final int CANCEL_REASON_DISCONNECTED_VALUE = 5;
 
 
   public final int getNumber() {
@@ -138,6 +158,7 @@ public enum CancelReason
       case 2: return CANCEL_REASON_CANCEL_STAGE;
       case 3: return CANCEL_REASON_DEADLINE;
       case 4: return CANCEL_REASON_SHUTDOWN;
+      case 5: return CANCEL_REASON_DISCONNECTED;
       default: return null;
     }
   }

@@ -46,7 +46,8 @@ public enum ErrorReason
   /**
    * <pre>
    * NOT_FOUND: an unknown backend, model or tool name (the message lists the
-   * names that exist), or CancelStage named no running stage.
+   * names that exist), CancelStage named no running stage, or ResumeStage no
+   * stage whose events are still kept.
    * </pre>
    *
    * <code>NOT_FOUND = 2;</code>
@@ -186,6 +187,56 @@ public enum ErrorReason
    * <code>INTERNAL = 17;</code>
    */
   INTERNAL(17),
+  /**
+   * <pre>
+   * PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+   * yours, or ResumeStage no stage of yours whose events are kept: another
+   * principal's stage and no stage at all look the same, so that nobody
+   * learns of other callers' stages.
+   * </pre>
+   *
+   * <code>STAGE_NOT_OWNED = 18;</code>
+   */
+  STAGE_NOT_OWNED(18),
+  /**
+   * <pre>
+   * FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+   * log (configure cluster.redis_url on every replica).
+   * </pre>
+   *
+   * <code>RESUME_NOT_CONFIGURED = 19;</code>
+   */
+  RESUME_NOT_CONFIGURED(19),
+  /**
+   * <pre>
+   * OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+   * (it keeps the last cluster.event_log_max_events of a stage). Run the stage
+   * again, or resume sooner.
+   * </pre>
+   *
+   * <code>RESUME_EVENTS_DROPPED = 20;</code>
+   */
+  RESUME_EVENTS_DROPPED(20),
+  /**
+   * <pre>
+   * UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+   * killed) before the stage ended. Run the stage again after the RetryInfo
+   * delay.
+   * </pre>
+   *
+   * <code>STAGE_OWNER_LOST = 21;</code>
+   */
+  STAGE_OWNER_LOST(21),
+  /**
+   * <pre>
+   * UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+   * unreachable or did not answer in time, or the replica running the stage
+   * did not answer. Retry after the RetryInfo delay.
+   * </pre>
+   *
+   * <code>REGISTRY_UNAVAILABLE = 22;</code>
+   */
+  REGISTRY_UNAVAILABLE(22),
   UNRECOGNIZED(-1),
   ;
 
@@ -219,7 +270,8 @@ public enum ErrorReason
   /**
    * <pre>
    * NOT_FOUND: an unknown backend, model or tool name (the message lists the
-   * names that exist), or CancelStage named no running stage.
+   * names that exist), CancelStage named no running stage, or ResumeStage no
+   * stage whose events are still kept.
    * </pre>
    *
    * <code>NOT_FOUND = 2;</code>
@@ -359,6 +411,56 @@ public enum ErrorReason
    * <code>INTERNAL = 17;</code>
    */
   public static final int INTERNAL_VALUE = 17;
+  /**
+   * <pre>
+   * PERMISSION_DENIED: with auth on, CancelStage named no running stage of
+   * yours, or ResumeStage no stage of yours whose events are kept: another
+   * principal's stage and no stage at all look the same, so that nobody
+   * learns of other callers' stages.
+   * </pre>
+   *
+   * <code>STAGE_NOT_OWNED = 18;</code>
+   */
+  public static final int STAGE_NOT_OWNED_VALUE = 18;
+  /**
+   * <pre>
+   * FAILED_PRECONDITION: ResumeStage on a server that keeps no shared event
+   * log (configure cluster.redis_url on every replica).
+   * </pre>
+   *
+   * <code>RESUME_NOT_CONFIGURED = 19;</code>
+   */
+  public static final int RESUME_NOT_CONFIGURED_VALUE = 19;
+  /**
+   * <pre>
+   * OUT_OF_RANGE: ResumeStage asked for events that the log no longer keeps
+   * (it keeps the last cluster.event_log_max_events of a stage). Run the stage
+   * again, or resume sooner.
+   * </pre>
+   *
+   * <code>RESUME_EVENTS_DROPPED = 20;</code>
+   */
+  public static final int RESUME_EVENTS_DROPPED_VALUE = 20;
+  /**
+   * <pre>
+   * UNAVAILABLE: the replica running the stage stopped (it crashed, or was
+   * killed) before the stage ended. Run the stage again after the RetryInfo
+   * delay.
+   * </pre>
+   *
+   * <code>STAGE_OWNER_LOST = 21;</code>
+   */
+  public static final int STAGE_OWNER_LOST_VALUE = 21;
+  /**
+   * <pre>
+   * UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
+   * unreachable or did not answer in time, or the replica running the stage
+   * did not answer. Retry after the RetryInfo delay.
+   * </pre>
+   *
+   * <code>REGISTRY_UNAVAILABLE = 22;</code>
+   */
+  public static final int REGISTRY_UNAVAILABLE_VALUE = 22;
 
 
   public final int getNumber() {
@@ -403,6 +505,11 @@ public enum ErrorReason
       case 15: return MISSING_CREDENTIALS;
       case 16: return INVALID_CREDENTIALS;
       case 17: return INTERNAL;
+      case 18: return STAGE_NOT_OWNED;
+      case 19: return RESUME_NOT_CONFIGURED;
+      case 20: return RESUME_EVENTS_DROPPED;
+      case 21: return STAGE_OWNER_LOST;
+      case 22: return REGISTRY_UNAVAILABLE;
       default: return null;
     }
   }

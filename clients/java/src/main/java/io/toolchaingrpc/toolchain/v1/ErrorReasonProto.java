@@ -36,7 +36,7 @@ public final class ErrorReasonProto extends com.google.protobuf.GeneratedFile {
   static {
     java.lang.String[] descriptorData = {
       "\n\037toolchain/v1/error_reason.proto\022\014toolc" +
-      "hain.v1*\307\003\n\013ErrorReason\022\034\n\030ERROR_REASON_" +
+      "hain.v1*\302\004\n\013ErrorReason\022\034\n\030ERROR_REASON_" +
       "UNSPECIFIED\020\000\022\023\n\017INVALID_REQUEST\020\001\022\r\n\tNO" +
       "T_FOUND\020\002\022\023\n\017MODEL_NOT_FOUND\020\003\022\031\n\025STAGE_" +
       "ALREADY_RUNNING\020\004\022\025\n\021SERVER_OVERLOADED\020\005" +
@@ -47,12 +47,15 @@ public final class ErrorReasonProto extends com.google.protobuf.GeneratedFile {
       "ACKEND_RESPONSE_TOO_LARGE\020\014\022\033\n\027LOCAL_MOD" +
       "EL_UNAVAILABLE\020\r\022\027\n\023LOCAL_MODEL_CRASHED\020" +
       "\016\022\027\n\023MISSING_CREDENTIALS\020\017\022\027\n\023INVALID_CR" +
-      "EDENTIALS\020\020\022\014\n\010INTERNAL\020\021B\264\001\n\035io.toolcha" +
-      "ingrpc.toolchain.v1B\020ErrorReasonProtoP\001Z" +
-      "Kgithub.com/toolchain-grpc/toolchain-grp" +
-      "c/clients/go/toolchainv1;toolchainv1\242\002\003T" +
-      "XX\252\002\014Toolchain.V1\312\002\014Toolchain\\V1\352\002\rToolc" +
-      "hain::V1b\006proto3"
+      "EDENTIALS\020\020\022\014\n\010INTERNAL\020\021\022\023\n\017STAGE_NOT_O" +
+      "WNED\020\022\022\031\n\025RESUME_NOT_CONFIGURED\020\023\022\031\n\025RES" +
+      "UME_EVENTS_DROPPED\020\024\022\024\n\020STAGE_OWNER_LOST" +
+      "\020\025\022\030\n\024REGISTRY_UNAVAILABLE\020\026B\264\001\n\035io.tool" +
+      "chaingrpc.toolchain.v1B\020ErrorReasonProto" +
+      "P\001ZKgithub.com/toolchain-grpc/toolchain-" +
+      "grpc/clients/go/toolchainv1;toolchainv1\242" +
+      "\002\003TXX\252\002\014Toolchain.V1\312\002\014Toolchain\\V1\352\002\rTo" +
+      "olchain::V1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,

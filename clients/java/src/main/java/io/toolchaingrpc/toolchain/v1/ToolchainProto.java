@@ -142,6 +142,16 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
       internal_static_toolchain_v1_CancelStageResponse_fieldAccessorTable;
   static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_toolchain_v1_ResumeStageRequest_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_toolchain_v1_ResumeStageRequest_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
+    internal_static_toolchain_v1_ResumeStageResponse_descriptor;
+  static final 
+    com.google.protobuf.GeneratedMessage.FieldAccessorTable
+      internal_static_toolchain_v1_ResumeStageResponse_fieldAccessorTable;
+  static final com.google.protobuf.Descriptors.Descriptor
     internal_static_toolchain_v1_ListToolsRequest_descriptor;
   static final 
     com.google.protobuf.GeneratedMessage.FieldAccessorTable
@@ -248,46 +258,53 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
       "\n\020field_violations\030\007 \003(\0132%.google.rpc.Ba" +
       "dRequest.FieldViolation\"&\n\022CancelStageRe" +
       "quest\022\020\n\010stage_id\030\001 \001(\t\"\'\n\023CancelStageRe" +
-      "sponse\022\020\n\010stage_id\030\001 \001(\t\"\022\n\020ListToolsReq" +
-      "uest\"6\n\021ListToolsResponse\022!\n\005tools\030\001 \003(\013" +
-      "2\022.toolchain.v1.Tool\"\260\001\n\004Tool\022\014\n\004name\030\001 " +
-      "\001(\t\022\023\n\013description\030\002 \001(\t\0222\n\021parameters_s" +
-      "chema\030\003 \001(\0132\027.google.protobuf.Struct\022*\n\007" +
-      "timeout\030\005 \001(\0132\031.google.protobuf.Duration" +
-      "\022\016\n\006source\030\006 \001(\tJ\004\010\004\020\005R\017timeout_seconds*" +
-      "\207\001\n\016ToolChoiceMode\022 \n\034TOOL_CHOICE_MODE_U" +
-      "NSPECIFIED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022" +
-      "\035\n\031TOOL_CHOICE_MODE_REQUIRED\020\002\022\031\n\025TOOL_C" +
-      "HOICE_MODE_NONE\020\003*C\n\005Phase\022\025\n\021PHASE_UNSP" +
-      "ECIFIED\020\000\022\016\n\nPHASE_TOOL\020\001\022\023\n\017PHASE_SYNTH" +
-      "ESIS\020\002*\322\001\n\013ToolOutcome\022\034\n\030TOOL_OUTCOME_U" +
-      "NSPECIFIED\020\000\022\023\n\017TOOL_OUTCOME_OK\020\001\022\"\n\036TOO" +
-      "L_OUTCOME_INVALID_ARGUMENTS\020\002\022\035\n\031TOOL_OU" +
-      "TCOME_UNKNOWN_TOOL\020\003\022\027\n\023TOOL_OUTCOME_FAI" +
-      "LED\020\004\022\032\n\026TOOL_OUTCOME_TIMED_OUT\020\005\022\030\n\024TOO" +
-      "L_OUTCOME_SKIPPED\020\006*\237\001\n\014CancelReason\022\035\n\031" +
-      "CANCEL_REASON_UNSPECIFIED\020\000\022\030\n\024CANCEL_RE" +
-      "ASON_CLIENT\020\001\022\036\n\032CANCEL_REASON_CANCEL_ST" +
-      "AGE\020\002\022\032\n\026CANCEL_REASON_DEADLINE\020\003\022\032\n\026CAN" +
-      "CEL_REASON_SHUTDOWN\020\0042\216\004\n\020ToolchainServi" +
-      "ce\022I\n\010RunTools\022\035.toolchain.v1.RunToolsRe" +
-      "quest\032\036.toolchain.v1.RunToolsResponse\022U\n" +
-      "\014RunSynthesis\022!.toolchain.v1.RunSynthesi" +
-      "sRequest\032\".toolchain.v1.RunSynthesisResp" +
-      "onse\022T\n\013StreamTools\022 .toolchain.v1.Strea" +
-      "mToolsRequest\032!.toolchain.v1.StreamTools" +
-      "Response0\001\022`\n\017StreamSynthesis\022$.toolchai" +
-      "n.v1.StreamSynthesisRequest\032%.toolchain." +
-      "v1.StreamSynthesisResponse0\001\022R\n\013CancelSt" +
-      "age\022 .toolchain.v1.CancelStageRequest\032!." +
-      "toolchain.v1.CancelStageResponse\022L\n\tList" +
-      "Tools\022\036.toolchain.v1.ListToolsRequest\032\037." +
-      "toolchain.v1.ListToolsResponseB\262\001\n\035io.to" +
-      "olchaingrpc.toolchain.v1B\016ToolchainProto" +
-      "P\001ZKgithub.com/toolchain-grpc/toolchain-" +
-      "grpc/clients/go/toolchainv1;toolchainv1\242" +
-      "\002\003TXX\252\002\014Toolchain.V1\312\002\014Toolchain\\V1\352\002\rTo" +
-      "olchain::V1b\006proto3"
+      "sponse\022\020\n\010stage_id\030\001 \001(\t\"V\n\022ResumeStageR" +
+      "equest\022\020\n\010stage_id\030\001 \001(\t\022\033\n\016after_sequen" +
+      "ce\030\002 \001(\rH\000\210\001\001B\021\n\017_after_sequence\">\n\023Resu" +
+      "meStageResponse\022\'\n\005event\030\001 \001(\0132\030.toolcha" +
+      "in.v1.StageEvent\"\022\n\020ListToolsRequest\"6\n\021" +
+      "ListToolsResponse\022!\n\005tools\030\001 \003(\0132\022.toolc" +
+      "hain.v1.Tool\"\260\001\n\004Tool\022\014\n\004name\030\001 \001(\t\022\023\n\013d" +
+      "escription\030\002 \001(\t\0222\n\021parameters_schema\030\003 " +
+      "\001(\0132\027.google.protobuf.Struct\022*\n\007timeout\030" +
+      "\005 \001(\0132\031.google.protobuf.Duration\022\016\n\006sour" +
+      "ce\030\006 \001(\tJ\004\010\004\020\005R\017timeout_seconds*\207\001\n\016Tool" +
+      "ChoiceMode\022 \n\034TOOL_CHOICE_MODE_UNSPECIFI" +
+      "ED\020\000\022\031\n\025TOOL_CHOICE_MODE_AUTO\020\001\022\035\n\031TOOL_" +
+      "CHOICE_MODE_REQUIRED\020\002\022\031\n\025TOOL_CHOICE_MO" +
+      "DE_NONE\020\003*C\n\005Phase\022\025\n\021PHASE_UNSPECIFIED\020" +
+      "\000\022\016\n\nPHASE_TOOL\020\001\022\023\n\017PHASE_SYNTHESIS\020\002*\322" +
+      "\001\n\013ToolOutcome\022\034\n\030TOOL_OUTCOME_UNSPECIFI" +
+      "ED\020\000\022\023\n\017TOOL_OUTCOME_OK\020\001\022\"\n\036TOOL_OUTCOM" +
+      "E_INVALID_ARGUMENTS\020\002\022\035\n\031TOOL_OUTCOME_UN" +
+      "KNOWN_TOOL\020\003\022\027\n\023TOOL_OUTCOME_FAILED\020\004\022\032\n" +
+      "\026TOOL_OUTCOME_TIMED_OUT\020\005\022\030\n\024TOOL_OUTCOM" +
+      "E_SKIPPED\020\006*\277\001\n\014CancelReason\022\035\n\031CANCEL_R" +
+      "EASON_UNSPECIFIED\020\000\022\030\n\024CANCEL_REASON_CLI" +
+      "ENT\020\001\022\036\n\032CANCEL_REASON_CANCEL_STAGE\020\002\022\032\n" +
+      "\026CANCEL_REASON_DEADLINE\020\003\022\032\n\026CANCEL_REAS" +
+      "ON_SHUTDOWN\020\004\022\036\n\032CANCEL_REASON_DISCONNEC" +
+      "TED\020\0052\344\004\n\020ToolchainService\022I\n\010RunTools\022\035" +
+      ".toolchain.v1.RunToolsRequest\032\036.toolchai" +
+      "n.v1.RunToolsResponse\022U\n\014RunSynthesis\022!." +
+      "toolchain.v1.RunSynthesisRequest\032\".toolc" +
+      "hain.v1.RunSynthesisResponse\022T\n\013StreamTo" +
+      "ols\022 .toolchain.v1.StreamToolsRequest\032!." +
+      "toolchain.v1.StreamToolsResponse0\001\022`\n\017St" +
+      "reamSynthesis\022$.toolchain.v1.StreamSynth" +
+      "esisRequest\032%.toolchain.v1.StreamSynthes" +
+      "isResponse0\001\022R\n\013CancelStage\022 .toolchain." +
+      "v1.CancelStageRequest\032!.toolchain.v1.Can" +
+      "celStageResponse\022T\n\013ResumeStage\022 .toolch" +
+      "ain.v1.ResumeStageRequest\032!.toolchain.v1" +
+      ".ResumeStageResponse0\001\022L\n\tListTools\022\036.to" +
+      "olchain.v1.ListToolsRequest\032\037.toolchain." +
+      "v1.ListToolsResponseB\262\001\n\035io.toolchaingrp" +
+      "c.toolchain.v1B\016ToolchainProtoP\001ZKgithub" +
+      ".com/toolchain-grpc/toolchain-grpc/clien" +
+      "ts/go/toolchainv1;toolchainv1\242\002\003TXX\252\002\014To" +
+      "olchain.V1\312\002\014Toolchain\\V1\352\002\rToolchain::V" +
+      "1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
@@ -434,20 +451,32 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_CancelStageResponse_descriptor,
         new java.lang.String[] { "StageId", });
-    internal_static_toolchain_v1_ListToolsRequest_descriptor =
+    internal_static_toolchain_v1_ResumeStageRequest_descriptor =
       getDescriptor().getMessageType(23);
+    internal_static_toolchain_v1_ResumeStageRequest_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_toolchain_v1_ResumeStageRequest_descriptor,
+        new java.lang.String[] { "StageId", "AfterSequence", });
+    internal_static_toolchain_v1_ResumeStageResponse_descriptor =
+      getDescriptor().getMessageType(24);
+    internal_static_toolchain_v1_ResumeStageResponse_fieldAccessorTable = new
+      com.google.protobuf.GeneratedMessage.FieldAccessorTable(
+        internal_static_toolchain_v1_ResumeStageResponse_descriptor,
+        new java.lang.String[] { "Event", });
+    internal_static_toolchain_v1_ListToolsRequest_descriptor =
+      getDescriptor().getMessageType(25);
     internal_static_toolchain_v1_ListToolsRequest_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ListToolsRequest_descriptor,
         new java.lang.String[] { });
     internal_static_toolchain_v1_ListToolsResponse_descriptor =
-      getDescriptor().getMessageType(24);
+      getDescriptor().getMessageType(26);
     internal_static_toolchain_v1_ListToolsResponse_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_ListToolsResponse_descriptor,
         new java.lang.String[] { "Tools", });
     internal_static_toolchain_v1_Tool_descriptor =
-      getDescriptor().getMessageType(25);
+      getDescriptor().getMessageType(27);
     internal_static_toolchain_v1_Tool_fieldAccessorTable = new
       com.google.protobuf.GeneratedMessage.FieldAccessorTable(
         internal_static_toolchain_v1_Tool_descriptor,

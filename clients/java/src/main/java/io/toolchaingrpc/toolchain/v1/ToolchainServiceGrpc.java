@@ -171,6 +171,37 @@ public final class ToolchainServiceGrpc {
     return getCancelStageMethod;
   }
 
+  private static volatile io.grpc.MethodDescriptor<io.toolchaingrpc.toolchain.v1.ResumeStageRequest,
+      io.toolchaingrpc.toolchain.v1.ResumeStageResponse> getResumeStageMethod;
+
+  @io.grpc.stub.annotations.RpcMethod(
+      fullMethodName = SERVICE_NAME + '/' + "ResumeStage",
+      requestType = io.toolchaingrpc.toolchain.v1.ResumeStageRequest.class,
+      responseType = io.toolchaingrpc.toolchain.v1.ResumeStageResponse.class,
+      methodType = io.grpc.MethodDescriptor.MethodType.SERVER_STREAMING)
+  public static io.grpc.MethodDescriptor<io.toolchaingrpc.toolchain.v1.ResumeStageRequest,
+      io.toolchaingrpc.toolchain.v1.ResumeStageResponse> getResumeStageMethod() {
+    io.grpc.MethodDescriptor<io.toolchaingrpc.toolchain.v1.ResumeStageRequest, io.toolchaingrpc.toolchain.v1.ResumeStageResponse> getResumeStageMethod;
+    if ((getResumeStageMethod = ToolchainServiceGrpc.getResumeStageMethod) == null) {
+      synchronized (ToolchainServiceGrpc.class) {
+        if ((getResumeStageMethod = ToolchainServiceGrpc.getResumeStageMethod) == null) {
+          ToolchainServiceGrpc.getResumeStageMethod = getResumeStageMethod =
+              io.grpc.MethodDescriptor.<io.toolchaingrpc.toolchain.v1.ResumeStageRequest, io.toolchaingrpc.toolchain.v1.ResumeStageResponse>newBuilder()
+              .setType(io.grpc.MethodDescriptor.MethodType.SERVER_STREAMING)
+              .setFullMethodName(generateFullMethodName(SERVICE_NAME, "ResumeStage"))
+              .setSampledToLocalTracing(true)
+              .setRequestMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  io.toolchaingrpc.toolchain.v1.ResumeStageRequest.getDefaultInstance()))
+              .setResponseMarshaller(io.grpc.protobuf.ProtoUtils.marshaller(
+                  io.toolchaingrpc.toolchain.v1.ResumeStageResponse.getDefaultInstance()))
+              .setSchemaDescriptor(new ToolchainServiceMethodDescriptorSupplier("ResumeStage"))
+              .build();
+        }
+      }
+    }
+    return getResumeStageMethod;
+  }
+
   private static volatile io.grpc.MethodDescriptor<io.toolchaingrpc.toolchain.v1.ListToolsRequest,
       io.toolchaingrpc.toolchain.v1.ListToolsResponse> getListToolsMethod;
 
@@ -320,15 +351,43 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * CancelStage cancels a running stage, from any connection. Its stream ends
-     * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-     * unary call ends with status CANCELLED. Unknown or finished stage_id:
-     * NOT_FOUND.
+     * CancelStage cancels a running stage, from any connection and, when the
+     * replicas share a registry (cluster.redis_url), on any replica. Its stream
+     * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+     * running unary call ends with status CANCELLED. Unknown or finished
+     * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+     * started it (its bearer token, or its mTLS client certificate's subject),
+     * and any id that names no running stage of the caller's, another
+     * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+     * callers' stages exist.
      * </pre>
      */
     default void cancelStage(io.toolchaingrpc.toolchain.v1.CancelStageRequest request,
         io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.CancelStageResponse> responseObserver) {
       io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getCancelStageMethod(), responseObserver);
+    }
+
+    /**
+     * <pre>
+     * ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+     * whose connection dropped, on any replica: it replays the stage's events
+     * after `after_sequence`, in order, then follows the stage live to its
+     * terminal event and ends with the matching status, as the original stream
+     * would have. A stream whose connection drops (not a cancel) keeps its stage
+     * running for the server's resume grace period; when no ResumeStage comes in
+     * that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+     * resumable for a while after the stage ended. Needs the replicas' shared
+     * event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+     * stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+     * PERMISSION_DENIED unless the stage is the caller's). Events the log no
+     * longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+     * The replica running the stage stopped: a StageError event with reason
+     * STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+     * </pre>
+     */
+    default void resumeStage(io.toolchaingrpc.toolchain.v1.ResumeStageRequest request,
+        io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.ResumeStageResponse> responseObserver) {
+      io.grpc.stub.ServerCalls.asyncUnimplementedUnaryCall(getResumeStageMethod(), responseObserver);
     }
 
     /**
@@ -432,16 +491,45 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * CancelStage cancels a running stage, from any connection. Its stream ends
-     * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-     * unary call ends with status CANCELLED. Unknown or finished stage_id:
-     * NOT_FOUND.
+     * CancelStage cancels a running stage, from any connection and, when the
+     * replicas share a registry (cluster.redis_url), on any replica. Its stream
+     * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+     * running unary call ends with status CANCELLED. Unknown or finished
+     * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+     * started it (its bearer token, or its mTLS client certificate's subject),
+     * and any id that names no running stage of the caller's, another
+     * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+     * callers' stages exist.
      * </pre>
      */
     public void cancelStage(io.toolchaingrpc.toolchain.v1.CancelStageRequest request,
         io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.CancelStageResponse> responseObserver) {
       io.grpc.stub.ClientCalls.asyncUnaryCall(
           getChannel().newCall(getCancelStageMethod(), getCallOptions()), request, responseObserver);
+    }
+
+    /**
+     * <pre>
+     * ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+     * whose connection dropped, on any replica: it replays the stage's events
+     * after `after_sequence`, in order, then follows the stage live to its
+     * terminal event and ends with the matching status, as the original stream
+     * would have. A stream whose connection drops (not a cancel) keeps its stage
+     * running for the server's resume grace period; when no ResumeStage comes in
+     * that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+     * resumable for a while after the stage ended. Needs the replicas' shared
+     * event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+     * stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+     * PERMISSION_DENIED unless the stage is the caller's). Events the log no
+     * longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+     * The replica running the stage stopped: a StageError event with reason
+     * STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+     * </pre>
+     */
+    public void resumeStage(io.toolchaingrpc.toolchain.v1.ResumeStageRequest request,
+        io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.ResumeStageResponse> responseObserver) {
+      io.grpc.stub.ClientCalls.asyncServerStreamingCall(
+          getChannel().newCall(getResumeStageMethod(), getCallOptions()), request, responseObserver);
     }
 
     /**
@@ -531,15 +619,45 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * CancelStage cancels a running stage, from any connection. Its stream ends
-     * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-     * unary call ends with status CANCELLED. Unknown or finished stage_id:
-     * NOT_FOUND.
+     * CancelStage cancels a running stage, from any connection and, when the
+     * replicas share a registry (cluster.redis_url), on any replica. Its stream
+     * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+     * running unary call ends with status CANCELLED. Unknown or finished
+     * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+     * started it (its bearer token, or its mTLS client certificate's subject),
+     * and any id that names no running stage of the caller's, another
+     * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+     * callers' stages exist.
      * </pre>
      */
     public io.toolchaingrpc.toolchain.v1.CancelStageResponse cancelStage(io.toolchaingrpc.toolchain.v1.CancelStageRequest request) throws io.grpc.StatusException {
       return io.grpc.stub.ClientCalls.blockingV2UnaryCall(
           getChannel(), getCancelStageMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+     * whose connection dropped, on any replica: it replays the stage's events
+     * after `after_sequence`, in order, then follows the stage live to its
+     * terminal event and ends with the matching status, as the original stream
+     * would have. A stream whose connection drops (not a cancel) keeps its stage
+     * running for the server's resume grace period; when no ResumeStage comes in
+     * that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+     * resumable for a while after the stage ended. Needs the replicas' shared
+     * event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+     * stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+     * PERMISSION_DENIED unless the stage is the caller's). Events the log no
+     * longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+     * The replica running the stage stopped: a StageError event with reason
+     * STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+     * </pre>
+     */
+    @io.grpc.ExperimentalApi("https://github.com/grpc/grpc-java/issues/10918")
+    public io.grpc.stub.BlockingClientCall<?, io.toolchaingrpc.toolchain.v1.ResumeStageResponse>
+        resumeStage(io.toolchaingrpc.toolchain.v1.ResumeStageRequest request) {
+      return io.grpc.stub.ClientCalls.blockingV2ServerStreamingCall(
+          getChannel(), getResumeStageMethod(), getCallOptions(), request);
     }
 
     /**
@@ -626,15 +744,44 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * CancelStage cancels a running stage, from any connection. Its stream ends
-     * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-     * unary call ends with status CANCELLED. Unknown or finished stage_id:
-     * NOT_FOUND.
+     * CancelStage cancels a running stage, from any connection and, when the
+     * replicas share a registry (cluster.redis_url), on any replica. Its stream
+     * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+     * running unary call ends with status CANCELLED. Unknown or finished
+     * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+     * started it (its bearer token, or its mTLS client certificate's subject),
+     * and any id that names no running stage of the caller's, another
+     * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+     * callers' stages exist.
      * </pre>
      */
     public io.toolchaingrpc.toolchain.v1.CancelStageResponse cancelStage(io.toolchaingrpc.toolchain.v1.CancelStageRequest request) {
       return io.grpc.stub.ClientCalls.blockingUnaryCall(
           getChannel(), getCancelStageMethod(), getCallOptions(), request);
+    }
+
+    /**
+     * <pre>
+     * ResumeStage continues a streamed stage (StreamTools, StreamSynthesis)
+     * whose connection dropped, on any replica: it replays the stage's events
+     * after `after_sequence`, in order, then follows the stage live to its
+     * terminal event and ends with the matching status, as the original stream
+     * would have. A stream whose connection drops (not a cancel) keeps its stage
+     * running for the server's resume grace period; when no ResumeStage comes in
+     * that time the stage ends with Cancel (reason DISCONNECTED). The events stay
+     * resumable for a while after the stage ended. Needs the replicas' shared
+     * event log (cluster.redis_url): without one, FAILED_PRECONDITION. Unknown
+     * stage_id, or its events expired: NOT_FOUND (with auth on, as CancelStage:
+     * PERMISSION_DENIED unless the stage is the caller's). Events the log no
+     * longer keeps (it keeps the last cluster.event_log_max_events): OUT_OF_RANGE.
+     * The replica running the stage stopped: a StageError event with reason
+     * STAGE_OWNER_LOST and status UNAVAILABLE (run the stage again).
+     * </pre>
+     */
+    public java.util.Iterator<io.toolchaingrpc.toolchain.v1.ResumeStageResponse> resumeStage(
+        io.toolchaingrpc.toolchain.v1.ResumeStageRequest request) {
+      return io.grpc.stub.ClientCalls.blockingServerStreamingCall(
+          getChannel(), getResumeStageMethod(), getCallOptions(), request);
     }
 
     /**
@@ -696,10 +843,15 @@ public final class ToolchainServiceGrpc {
 
     /**
      * <pre>
-     * CancelStage cancels a running stage, from any connection. Its stream ends
-     * with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a running
-     * unary call ends with status CANCELLED. Unknown or finished stage_id:
-     * NOT_FOUND.
+     * CancelStage cancels a running stage, from any connection and, when the
+     * replicas share a registry (cluster.redis_url), on any replica. Its stream
+     * ends with a Cancel event (reason CANCEL_STAGE) and status CANCELLED; a
+     * running unary call ends with status CANCELLED. Unknown or finished
+     * stage_id: NOT_FOUND. With auth on, a stage belongs to the principal that
+     * started it (its bearer token, or its mTLS client certificate's subject),
+     * and any id that names no running stage of the caller's, another
+     * principal's or none, gets PERMISSION_DENIED: nobody learns whether other
+     * callers' stages exist.
      * </pre>
      */
     public com.google.common.util.concurrent.ListenableFuture<io.toolchaingrpc.toolchain.v1.CancelStageResponse> cancelStage(
@@ -725,7 +877,8 @@ public final class ToolchainServiceGrpc {
   private static final int METHODID_STREAM_TOOLS = 2;
   private static final int METHODID_STREAM_SYNTHESIS = 3;
   private static final int METHODID_CANCEL_STAGE = 4;
-  private static final int METHODID_LIST_TOOLS = 5;
+  private static final int METHODID_RESUME_STAGE = 5;
+  private static final int METHODID_LIST_TOOLS = 6;
 
   private static final class MethodHandlers<Req, Resp> implements
       io.grpc.stub.ServerCalls.UnaryMethod<Req, Resp>,
@@ -763,6 +916,10 @@ public final class ToolchainServiceGrpc {
         case METHODID_CANCEL_STAGE:
           serviceImpl.cancelStage((io.toolchaingrpc.toolchain.v1.CancelStageRequest) request,
               (io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.CancelStageResponse>) responseObserver);
+          break;
+        case METHODID_RESUME_STAGE:
+          serviceImpl.resumeStage((io.toolchaingrpc.toolchain.v1.ResumeStageRequest) request,
+              (io.grpc.stub.StreamObserver<io.toolchaingrpc.toolchain.v1.ResumeStageResponse>) responseObserver);
           break;
         case METHODID_LIST_TOOLS:
           serviceImpl.listTools((io.toolchaingrpc.toolchain.v1.ListToolsRequest) request,
@@ -821,6 +978,13 @@ public final class ToolchainServiceGrpc {
               io.toolchaingrpc.toolchain.v1.CancelStageRequest,
               io.toolchaingrpc.toolchain.v1.CancelStageResponse>(
                 service, METHODID_CANCEL_STAGE)))
+        .addMethod(
+          getResumeStageMethod(),
+          io.grpc.stub.ServerCalls.asyncServerStreamingCall(
+            new MethodHandlers<
+              io.toolchaingrpc.toolchain.v1.ResumeStageRequest,
+              io.toolchaingrpc.toolchain.v1.ResumeStageResponse>(
+                service, METHODID_RESUME_STAGE)))
         .addMethod(
           getListToolsMethod(),
           io.grpc.stub.ServerCalls.asyncUnaryCall(
@@ -881,6 +1045,7 @@ public final class ToolchainServiceGrpc {
               .addMethod(getStreamToolsMethod())
               .addMethod(getStreamSynthesisMethod())
               .addMethod(getCancelStageMethod())
+              .addMethod(getResumeStageMethod())
               .addMethod(getListToolsMethod())
               .build();
         }
