@@ -28,8 +28,8 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -510,6 +510,13 @@ class Settings(BaseSettings):
     )
 
     address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes sharing the port (SO_REUSEPORT; `serve --workers`); "
+        "more than 1 needs a fixed port",
+    )
     default_backend: str = Field("local", description="backend used when a request names none")
     backends: dict[str, BackendSettings] = Field(
         default_factory=lambda: {"local": BackendSettings(kind="local")},
@@ -606,6 +613,27 @@ class Settings(BaseSettings):
                 f"default_deadline_seconds: {self.default_deadline_seconds:g} is more than "
                 f"max_deadline_seconds {self.max_deadline_seconds:g}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> Settings:
+        """Several workers share one known port; each gets its own metrics port (+ index)
+        and, when one is set, its own replica id (suffix -w<index>)."""
+        if self.workers == 1:
+            return self
+        if int(self.address.rsplit(":", 1)[1]) == 0:
+            raise ValueError(
+                f"workers: {self.workers} > 1 needs a fixed port in address, not {self.address!r}"
+            )
+        if self.metrics_address:
+            port = int(self.metrics_address.rsplit(":", 1)[1])
+            if port and port + self.workers - 1 > 65535:
+                raise ValueError(
+                    f"metrics_address: port {port} + worker index up to {self.workers - 1} passes 65535"
+                )
+        last = f"{self.cluster.replica_id}-w{self.workers - 1}"
+        if self.cluster.replica_id and not _REPLICA_ID.match(last):
+            raise ValueError(f"cluster.replica_id: {last!r} (with the worker suffix) is longer than 100")
         return self
 
     @classmethod

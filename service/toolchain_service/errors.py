@@ -11,6 +11,11 @@ transport-free.
     ├── StageAlreadyRunning         ALREADY_EXISTS
     ├── Overloaded                  RESOURCE_EXHAUSTED  yes
     ├── Unavailable                 UNAVAILABLE         yes (server draining)
+    ├── NotOwned                    PERMISSION_DENIED       (another principal's stage, or none)
+    ├── ResumeNotConfigured         FAILED_PRECONDITION     (no shared event log)
+    ├── EventsDropped               OUT_OF_RANGE            (the log no longer keeps them)
+    ├── OwnerLost                   UNAVAILABLE         yes (the replica running the stage died)
+    ├── RegistryUnavailable         UNAVAILABLE         yes (Redis, or the owning replica, silent)
     └── BackendError                                        (the model server failed)
         ├── BackendUnavailable      UNAVAILABLE         yes (refused, DNS, TLS, 5xx, 429, timeout, cut)
         ├── BackendRejected         INVALID_ARGUMENT        (HTTP 400/422)
@@ -144,6 +149,43 @@ class Unavailable(StageError):
 
     code = Code.UNAVAILABLE
     reason = "SERVER_DRAINING"
+    retryable = True
+
+
+class NotOwned(StageError):
+    """With auth on: the stage is not the caller's, or there is none (the same answer)."""
+
+    code = Code.PERMISSION_DENIED
+    reason = "STAGE_NOT_OWNED"
+
+
+class ResumeNotConfigured(StageError):
+    """ResumeStage on a server without the replicas' shared event log."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "RESUME_NOT_CONFIGURED"
+
+
+class EventsDropped(StageError):
+    """ResumeStage asked for events that the stage's log no longer keeps."""
+
+    code = Code.OUT_OF_RANGE
+    reason = "RESUME_EVENTS_DROPPED"
+
+
+class OwnerLost(StageError):
+    """The replica running the stage stopped before the stage ended."""
+
+    code = Code.UNAVAILABLE
+    reason = "STAGE_OWNER_LOST"
+    retryable = True
+
+
+class RegistryUnavailable(StageError):
+    """The shared registry (Redis) or the replica owning a stage did not answer."""
+
+    code = Code.UNAVAILABLE
+    reason = "REGISTRY_UNAVAILABLE"
     retryable = True
 
 

@@ -36,6 +36,7 @@ class CancelReason(enum.IntEnum):
     CANCEL_STAGE = 2
     DEADLINE = 3
     SHUTDOWN = 4
+    DISCONNECTED = 5
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,16 @@ write would leave it pending in grpc, where no other event can follow it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from toolchain_service.errors import NotFoundError, Overloaded, StageAlreadyRunning, Unavailable
+from toolchain_service.errors import (
+    NotFoundError,
+    NotOwned,
+    Overloaded,
+    StageAlreadyRunning,
+    StageError,
+    Unavailable,
+)
 from toolchain_service.events import CancelReason
 
 #: Seconds a cancellation waits for a write in progress (a reader that does not read can
@@ -27,17 +35,57 @@ WRITE_GRACE = 1.0
 
 
 class StageHandle:
-    __slots__ = ("_deadline_timer", "_deferred", "active", "reason", "stage_id", "task", "writing")
+    __slots__ = (
+        "_deadline_timer",
+        "_deferred",
+        "_grace_timer",
+        "active",
+        "principal",
+        "readers",
+        "reason",
+        "shared",
+        "stage_id",
+        "task",
+        "writing",
+    )
 
-    def __init__(self, stage_id: str, task: asyncio.Task[object]) -> None:
+    def __init__(self, stage_id: str, task: asyncio.Task[object], principal: str = "") -> None:
         self.stage_id = stage_id
         self.task = task
+        #: Who started it (auth on: a token's or a client certificate's identity; else "").
+        self.principal = principal
         self.reason = CancelReason.UNSPECIFIED
         self.active = True
         #: The door is handing an event to grpc.
         self.writing = False
+        #: Streams reading a logged stage live: its own, and resumed ones (cluster mode).
+        self.readers = 0
+        #: Registered in the replicas' shared registry (which hears of its end).
+        self.shared = False
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._deferred: asyncio.TimerHandle | None = None
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    def attach(self) -> bool:
+        """A reader follows the stage: the resume grace period, if running, stops."""
+        if not self.active:
+            return False
+        self.readers += 1
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
+        return True
+
+    def detach(self, grace: float) -> bool:
+        """A reader went away; with none left, the stage is cancelled (DISCONNECTED) unless
+        a reader attaches within `grace` seconds."""
+        if not self.active:
+            return False
+        self.readers = max(0, self.readers - 1)
+        if self.readers == 0 and self._grace_timer is None:
+            loop = asyncio.get_running_loop()
+            self._grace_timer = loop.call_later(grace, self.cancel, CancelReason.DISCONNECTED)
+        return True
 
     def cancel(self, reason: CancelReason) -> bool:
         """Cancel the stage once; False when it already ended or was cancelled."""
@@ -68,18 +116,23 @@ class StageHandle:
     def finish(self) -> None:
         """The stage reached its terminal event: nothing may cancel it any more."""
         self.active = False
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
+        for timer in (self._deadline_timer, self._grace_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline_timer = self._grace_timer = None
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None
 
 
 class StageManager:
-    def __init__(self, max_concurrent: int) -> None:
+    def __init__(self, max_concurrent: int, resume_grace: float = 0.0) -> None:
         self._running: dict[str, StageHandle] = {}
         self._max = max_concurrent
+        #: Seconds a logged stage with no reader left waits for one (cluster mode).
+        self.resume_grace = resume_grace
+        #: Told the id of each shared stage that ends (the registry marks it ended).
+        self.on_close: Callable[[str], None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
@@ -87,9 +140,9 @@ class StageManager:
     def __len__(self) -> int:
         return len(self._running)
 
-    def open(self, stage_id: str) -> StageHandle:
+    def open(self, stage_id: str, principal: str = "") -> StageHandle:
         """Register the current task as stage `stage_id` (the edge has already made a UUID
-        for a caller who sent none)."""
+        for a caller who sent none), started by `principal`."""
         if self.draining:
             raise Unavailable("the server is shutting down; send the stage to another instance")
         if len(self._running) >= self._max:
@@ -102,7 +155,7 @@ class StageManager:
             )
         task = asyncio.current_task()
         assert task is not None
-        handle = self._running[stage_id] = StageHandle(stage_id, task)
+        handle = self._running[stage_id] = StageHandle(stage_id, task, principal)
         self._idle.clear()
         return handle
 
@@ -110,6 +163,8 @@ class StageManager:
         handle.finish()
         if self._running.get(handle.stage_id) is handle:
             del self._running[handle.stage_id]
+            if handle.shared and self.on_close is not None:
+                self.on_close(handle.stage_id)
             if not self._running:
                 self._idle.set()
 
@@ -122,10 +177,37 @@ class StageManager:
             return False
         return True
 
-    def cancel(self, stage_id: str) -> None:
+    def get(self, stage_id: str) -> StageHandle | None:
+        return self._running.get(stage_id)
+
+    def cancel(self, stage_id: str, principal: str = "") -> None:
+        """CancelStage: with auth on (`principal` set), only the principal's own stages."""
         handle = self._running.get(stage_id)
+        if handle is not None and handle.principal != principal:
+            handle = None
         if handle is None or not handle.cancel(CancelReason.CANCEL_STAGE):
-            raise NotFoundError(f"no running stage has stage_id {stage_id!r}")
+            raise not_running(stage_id, principal)
+
+    def control(self, op: str, stage_id: str) -> bool:
+        """Another replica's request about a stage of this one (the registry's control
+        channel; the asking replica checked the caller's principal): True when the stage
+        runs here and it was done."""
+        handle = self._running.get(stage_id)
+        if handle is None:
+            return False
+        if op == "cancel":
+            return handle.cancel(CancelReason.CANCEL_STAGE)
+        if op == "attach":
+            return handle.attach()
+        return handle.detach(self.resume_grace)
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))
+
+
+def not_running(stage_id: str, principal: str) -> StageError:
+    """No running stage of the caller's has this id. With auth on, another principal's
+    stage and no stage look the same (PERMISSION_DENIED), so nobody learns of others'."""
+    if principal:
+        return NotOwned(f"no running stage of yours has stage_id {stage_id!r}")
+    return NotFoundError(f"no running stage has stage_id {stage_id!r}")

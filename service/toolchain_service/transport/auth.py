@@ -15,8 +15,9 @@ is NOT exempt: it describes the whole API, and the tools that use it send header
 
 from __future__ import annotations
 
+import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -29,6 +30,37 @@ EXEMPT_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/",)
 #: Reflection shows the public contract only; exempt unless `auth.public_reflection` is off.
 REFLECTION_PREFIXES: tuple[str, ...] = tuple(f"/{name}/" for name in reflection.SERVICE_NAMES)
 _HEADER = "authorization"
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of a well-formed `authorization: Bearer <token>`, else None."""
+    values = [v for k, v in metadata or () if k == _HEADER]
+    if len(values) != 1 or not isinstance(values[0], str):
+        return None
+    scheme, _, token = values[0].strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def principal(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+    peer_identity: Mapping[str, Iterable[bytes]] | None,
+) -> str:
+    """Who is calling, as stage ownership sees it: the mTLS client certificate's subject
+    and a digest of the bearer token (never the token itself, which would end up in Redis
+    and logs), whichever the server checks; "" when it checks neither. Only meaningful
+    behind the checks (the interceptor, the TLS handshake)."""
+    parts = []
+    if peer_identity:
+        for key in ("x509_subject", "x509_common_name"):
+            subject = next(iter(peer_identity.get(key, ())), b"")
+            if subject:
+                parts.append("x509:" + subject.decode(errors="replace"))
+                break
+    token = bearer_token(metadata)
+    if token is not None:
+        parts.append("bearer:" + hashlib.sha256(token.encode()).hexdigest()[:32])
+    return " ".join(parts)
 
 
 class AuthenticationFailed(StageError):
@@ -54,12 +86,10 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-ar
         values = [v for k, v in metadata or () if k == _HEADER]
         if not values:
             return _missing("missing credentials")
-        value = values[0]
-        if len(values) > 1 or not isinstance(value, str):
+        if len(values) > 1 or not isinstance(values[0], str):
             return _missing("malformed credentials")
-        scheme, _, token = value.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(metadata)
+        if token is None:
             return _missing("the authorization metadata is not 'Bearer <token>'")
         presented = token.encode()
         accepted = False

@@ -57,6 +57,7 @@ from toolchain_service.transport.decoding import DecodeGuard
 from toolchain_service.transport.servicer import ToolchainServicer
 
 if TYPE_CHECKING:
+    from toolchain_service.cluster.registry import Cluster
     from toolchain_service.tools.mcp import McpServer
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,12 @@ class RunningServer:
         if self.tracing:
             tracing.disable()
             self.tracing = False
+        if self.servicer.cluster is not None:
+            # Logged stages run in tasks of their own, which stopping grpc does not end.
+            self.stages.cancel_all(CancelReason.SHUTDOWN)
+            await self.stages.wait_idle(2.0)
+            await self.servicer.cluster.aclose()
+            self.servicer.cluster = None
         await self.backends.aclose()
         await self.tools.aclose()
         for mcp in self.mcp_servers:
@@ -182,6 +189,19 @@ def _listen(server: grpc.aio.Server, settings: Settings) -> int:
         return server.add_secure_port(settings.address, credentials)
     except (RuntimeError, OSError) as exc:
         raise ConfigError(f"address: cannot listen on {settings.address}: {exc}") from None
+
+
+async def _join_cluster(settings: Settings, stages: StageManager) -> Cluster:
+    """Connect to the shared registry (the redis package loads only when it is configured)."""
+    from toolchain_service.cluster.registry import Cluster  # noqa: PLC0415
+
+    cluster = Cluster(settings.cluster, stages.control)
+    try:
+        await cluster.start()
+    except ConnectionError as exc:
+        raise ConfigError(f"cluster.redis_url: {exc}") from None
+    stages.on_close = cluster.ended
+    return cluster
 
 
 def _start_metrics(observer: StageObserver, address: str) -> MetricsServer:
@@ -246,7 +266,7 @@ async def _start(
         log_prompts=settings.log_prompts, default_backend=settings.default_backend
     )
     observer.metrics.watch_queues(backend_registry.all())
-    stages = StageManager(settings.max_concurrent_stages)
+    stages = StageManager(settings.max_concurrent_stages, settings.cluster.resume_grace_seconds)
     servicer = ToolchainServicer(StageRunner(backend_registry, tool_registry), stages, settings, observer)
 
     interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]  # grpc-stubs' generic
@@ -262,7 +282,7 @@ async def _start(
         interceptors=interceptors or None,
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),  # workers share the port
         ],
     )
     pb_grpc.add_ToolchainServiceServicer_to_server(servicer, server)
@@ -285,6 +305,8 @@ async def _start(
         mcp_servers=mcp_servers,
     )
     try:
+        if settings.cluster.enabled:  # before the port opens: stages register from the first
+            servicer.cluster = await _join_cluster(settings, stages)
         if settings.metrics_address:
             running.metrics = await asyncio.to_thread(_start_metrics, observer, settings.metrics_address)
         if settings.tracing:

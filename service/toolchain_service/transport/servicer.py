@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from typing import NoReturn, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2
@@ -23,15 +23,26 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
 from toolchain_service.config import Settings
-from toolchain_service.errors import StageError
+from toolchain_service.errors import (
+    NotFoundError,
+    NotOwned,
+    RegistryUnavailable,
+    ResumeNotConfigured,
+    StageError,
+)
 from toolchain_service.events import CancelEvent, CancelReason, DoneEvent, ErrorEvent, StageEvent, StageSpec
-from toolchain_service.observe import StageObserver
+from toolchain_service.observe import StageObserver, StageRecord
+from toolchain_service.relay import Relay
 from toolchain_service.runner import StageRunner
-from toolchain_service.stages import StageHandle, StageManager
+from toolchain_service.stages import WRITE_GRACE, StageHandle, StageManager, not_running
 from toolchain_service.transport import convert
+from toolchain_service.transport.auth import principal
 from toolchain_service.transport.decoding import Undecodable, accepts_undecodable
 from toolchain_service.transport.requests import parse_stage, rejected_stage_id
-from toolchain_service.transport.status import cancel_status, grpc_status
+from toolchain_service.transport.status import cancel_status, event_status, grpc_status
+
+if TYPE_CHECKING:
+    from toolchain_service.cluster.registry import Cluster, StageEntry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +58,11 @@ _CANCEL_MESSAGES = {
     CancelReason.CANCEL_STAGE: "cancelled by CancelStage",
     CancelReason.DEADLINE: "the call's deadline passed",
     CancelReason.SHUTDOWN: "the server is shutting down",
+    CancelReason.DISCONNECTED: "the connection dropped and no ResumeStage came within the grace period",
 }
+#: Events a logged stage may run ahead of its live stream before it waits (cluster mode).
+_RELAY_EVENTS = 64
+_TERMINALS = frozenset(("done", "cancel", "error"))
 
 
 def _expired(context: Context) -> bool:
@@ -66,12 +81,23 @@ def _response(
 
 class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
     def __init__(
-        self, runner: StageRunner, stages: StageManager, settings: Settings, observer: StageObserver
+        self,
+        runner: StageRunner,
+        stages: StageManager,
+        settings: Settings,
+        observer: StageObserver,
+        cluster: Cluster | None = None,
     ) -> None:
         self.runner = runner
         self.stages = stages
         self.settings = settings
         self.observer = observer
+        #: The replicas' shared registry and event logs (cluster.redis_url), or None.
+        self.cluster = cluster
+        #: The callers' identities count only when the server checks them.
+        self._owned = settings.auth.enabled or bool(settings.tls.client_ca_file)
+        #: Stage tasks of logged streams (they may outlive their calls).
+        self._producers: set[asyncio.Task[None]] = set()
 
     # -- the four stage doors -------------------------------------------------------
 
@@ -105,11 +131,73 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
     # -- the other RPCs ------------------------------------------------------------
 
     async def CancelStage(self, request: pb.CancelStageRequest, context: Context) -> pb.CancelStageResponse:
+        caller = self._principal(context)
         try:
-            self.stages.cancel(request.stage_id)
+            await self._cancel(request.stage_id, caller)
         except StageError as exc:
             await self._abort(context, exc)
         return pb.CancelStageResponse(stage_id=request.stage_id)
+
+    async def _cancel(self, stage_id: str, caller: str) -> None:
+        if self.cluster is None or self.stages.get(stage_id) is not None:
+            self.stages.cancel(stage_id, caller)
+            return
+        entry = await self.cluster.lookup(stage_id)
+        if entry is None or not entry.running or entry.principal != caller:
+            raise not_running(stage_id, caller)
+        if not await self.cluster.ask(entry.replica, "cancel", stage_id):
+            raise not_running(stage_id, caller)
+
+    async def ResumeStage(  # type: ignore[override]
+        self, request: pb.ResumeStageRequest, context: Context
+    ) -> None:
+        caller = self._principal(context)
+        stage_id = request.stage_id
+        after = request.after_sequence if request.HasField("after_sequence") else None
+        expected = 0 if after is None else after + 1
+        terminal: pb.StageEvent | None = None
+        try:
+            if self.cluster is None:
+                raise ResumeNotConfigured(
+                    "this server keeps no event logs to resume from: resuming needs the replicas' "
+                    "shared registry (cluster.redis_url)"
+                )
+            cluster = self.cluster
+            entry = await cluster.lookup(stage_id)
+            if entry is None or not entry.streamed or entry.principal != caller:
+                if caller:
+                    raise NotOwned(f"no stage of yours with stage_id {stage_id!r} can be resumed")
+                raise NotFoundError(
+                    f"no streamed stage with stage_id {stage_id!r} has its events kept (it never ran, "
+                    "was not streamed, or ended more than cluster.event_log_ttl_seconds ago)"
+                )
+            attached = entry.running and await self._attach(cluster, entry)
+            try:
+                async with aclosing(cluster.follow(entry, after)) as events:
+                    async for logged in events:
+                        response = pb.ResumeStageResponse()
+                        response.event.ParseFromString(logged.data)
+                        await context.write(response)
+                        expected = logged.sequence + 1
+                        if response.event.WhichOneof("event") in _TERMINALS:
+                            terminal = response.event
+                            break
+            finally:
+                if attached:
+                    cluster.tell(entry.replica, "detach", stage_id)
+        except StageError as exc:
+            error = pb.ResumeStageResponse()
+            convert.fill_event(error.event, stage_id, expected, ErrorEvent(exc))
+            await context.write(error)
+            await self._abort(context, exc)
+        assert terminal is not None
+        which = terminal.WhichOneof("event")
+        if which == "cancel":
+            code, details = cancel_status(CancelReason(terminal.cancel.reason))
+            await context.abort(code, details)
+        elif which == "error":
+            status = event_status(terminal.error)
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
     async def ListTools(self, request: pb.ListToolsRequest, context: Context) -> pb.ListToolsResponse:
         response = pb.ListToolsResponse()
@@ -127,17 +215,39 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
 
     # -- shared machinery ------------------------------------------------------------
 
-    def _open(
+    @staticmethod
+    async def _attach(cluster: Cluster, entry: StageEntry) -> bool:
+        """Tell the stage's owner that a resumed stream follows it (its grace period stops).
+        An owner that does not answer is not waited for: following its log finds out
+        whether it is gone."""
+        try:
+            return await cluster.ask(entry.replica, "attach", entry.stage_id) is True
+        except RegistryUnavailable:
+            return False
+
+    def _principal(self, context: Context) -> str:
+        if not self._owned:
+            return ""
+        return principal(context.invocation_metadata(), context.auth_context())
+
+    async def _open(
         self, stage: pb.StageRequest, context: Context, rpc: str, *, synthesis: bool, stream: bool
     ) -> tuple[StageSpec, StageHandle, AsyncGenerator[StageEvent, None]]:
         spec = parse_stage(stage, self.settings, synthesis=synthesis, stream=stream)
-        handle = self.stages.open(spec.stage_id)
+        handle = self.stages.open(spec.stage_id, self._principal(context))
         # The caller's deadline, at most max_deadline_seconds; default_deadline_seconds when none.
         remaining = context.time_remaining()
         if remaining is None:
             remaining = self.settings.default_deadline_seconds
         else:
             remaining = min(remaining, self.settings.max_deadline_seconds)
+        if self.cluster is not None:
+            try:
+                await self.cluster.register(spec.stage_id, handle.principal, remaining, streamed=stream)
+            except BaseException:
+                self.stages.close(handle)
+                raise
+            handle.shared = True
         handle.cancel_at_deadline(remaining - min(_DEADLINE_MARGIN, remaining / 10))
         deadline = time.monotonic() + remaining
         return spec, handle, self.runner.run(spec, deadline)
@@ -161,12 +271,18 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         try:
             if isinstance(stage, Undecodable):
                 raise stage.error
-            spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=True)
+            spec, handle, events = await self._open(stage, context, rpc, synthesis=synthesis, stream=True)
         except StageError as exc:
             record.finish_error(exc)
             await write(_response(response_type, rejected_stage_id(stage), 0, ErrorEvent(exc)))
             await self._abort(context, exc)
+        except BaseException:
+            record.close()
+            raise
         record.spec = spec
+        if self.cluster is not None:
+            await self._stream_logged(spec, handle, events, record, context, response_type)
+            return
         sequence = 0
         terminal: StageEvent | None = None
         # A cancellation waits for a write in progress (StageHandle.written). One that lands
@@ -215,15 +331,128 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         if isinstance(terminal, ErrorEvent):
             await self._abort(context, terminal.error)
 
+    async def _stream_logged(
+        self,
+        spec: StageSpec,
+        handle: StageHandle,
+        events: AsyncGenerator[StageEvent, None],
+        record: StageRecord,
+        context: Context,
+        response_type: Callable[[], StreamResponse],
+    ) -> None:
+        """A stream whose stage runs in a task of its own and logs every event: when the
+        connection drops, the stage goes on (for the resume grace period, or until a
+        ResumeStage follows it) instead of ending with the call."""
+        relay: Relay[tuple[StageEvent, StreamResponse]] = Relay(_RELAY_EVENTS, WRITE_GRACE)
+        handle.attach()
+        producer = asyncio.get_running_loop().create_task(
+            self._produce(spec, handle, events, record, relay, response_type),
+            name=f"toolchain-stage-{spec.stage_id[:40]}",
+        )
+        handle.task = producer
+        self._producers.add(producer)
+        producer.add_done_callback(self._producers.discard)
+        try:
+            while True:
+                event, response = await relay.get()
+                relay.writing = True
+                try:
+                    await context.write(response)
+                except Exception:
+                    if not _expired(context):
+                        raise
+                    raise asyncio.CancelledError from None  # the deadline ended the call mid-write
+                relay.written()
+                if isinstance(event, DoneEvent | ErrorEvent | CancelEvent):
+                    break
+        except asyncio.CancelledError:
+            if relay.forced:  # the stage ended while its reader did not read: status alone
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                assert relay.last is not None
+                event = relay.last[0]
+            else:
+                relay.detach()
+                handle.detach(self.stages.resume_grace)
+                raise
+        except EOFError:
+            await self._abort(context, StageError("the stage ended without a terminal event; this is a bug"))
+        finally:
+            relay.written()
+        if _expired(context):
+            return
+        if isinstance(event, CancelEvent):
+            code, details = cancel_status(event.reason)
+            await context.abort(code, details)
+        elif isinstance(event, ErrorEvent):
+            await self._abort(context, event.error)
+
+    async def _produce(
+        self,
+        spec: StageSpec,
+        handle: StageHandle,
+        events: AsyncGenerator[StageEvent, None],
+        record: StageRecord,
+        relay: Relay[tuple[StageEvent, StreamResponse]],
+        response_type: Callable[[], StreamResponse],
+    ) -> None:
+        """Run the stage: log each event and hand it to the live stream, if any."""
+        cluster = self.cluster
+        assert cluster is not None
+        sequence = 0
+
+        def emit(event: StageEvent) -> tuple[StageEvent, StreamResponse]:
+            nonlocal sequence
+            response = _response(response_type, spec.stage_id, sequence, event)
+            cluster.append(spec.stage_id, sequence, response.event.SerializeToString())
+            sequence += 1
+            return event, response
+
+        try:
+            terminal: StageEvent | None = None
+            try:
+                async with aclosing(events):
+                    async for event in events:
+                        if isinstance(event, DoneEvent | ErrorEvent):
+                            handle.finish()
+                            terminal = event
+                            relay.put_nowait(emit(event))
+                        else:
+                            await relay.put(emit(event))
+                        record.event(event)
+            except asyncio.CancelledError:
+                reason = handle.reason
+                if reason == CancelReason.UNSPECIFIED:
+                    raise  # not a cancellation of ours: the loop is closing
+                handle.finish()
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                record.finish_cancel(reason)
+                relay.put_nowait(emit(CancelEvent(reason, _CANCEL_MESSAGES[reason])))
+                return
+            if isinstance(terminal, ErrorEvent):
+                record.finish_error(terminal.error)
+            else:
+                record.finish_done()
+        finally:
+            self.stages.close(handle)
+            record.close()
+            relay.close()
+
     async def _unary(
         self, stage: pb.StageRequest, context: Context, rpc: str, *, synthesis: bool
     ) -> convert.Fold:
         record = self.observer.start(rpc, context.invocation_metadata)
         try:
-            spec, handle, events = self._open(stage, context, rpc, synthesis=synthesis, stream=False)
+            spec, handle, events = await self._open(stage, context, rpc, synthesis=synthesis, stream=False)
         except StageError as exc:
             record.finish_error(exc)
             await self._abort(context, exc)
+        except BaseException:
+            record.close()
+            raise
         record.spec = spec
         fold = convert.Fold(spec.stage_id)
         try:

@@ -8,9 +8,10 @@ when a retry can help; `grpc_status.rpc_status.to_status` packs it into the trai
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from toolchain_service.errors import StageError
 from toolchain_service.events import CancelReason
@@ -26,21 +27,43 @@ def _pack(message: object) -> any_pb2.Any:
 
 
 def grpc_status(err: StageError) -> grpc.Status:
-    details = [
-        _pack(
-            error_details_pb2.ErrorInfo(
-                reason=err.reason, domain=DOMAIN, metadata={"phase": phase_name(err.phase)}
-            )
-        )
-    ]
-    violations = field_violations(err)
+    delay = err.retry_delay
+    return _status(
+        int(err.code),
+        err.message,
+        err.reason,
+        phase_name(err.phase),
+        field_violations(err),
+        None if delay is None else duration(delay),
+    )
+
+
+def event_status(err: pb.StageError) -> grpc.Status:
+    """The status that matches a stream's logged error event (a resumed stream ends so)."""
+    return _status(
+        err.code,
+        err.message,
+        err.reason,
+        pb.Phase.Name(err.phase),
+        list(err.field_violations),
+        err.retry_delay if err.HasField("retry_delay") else None,
+    )
+
+
+def _status(
+    code: int,
+    message: str,
+    reason: str,
+    phase: str,
+    violations: list[error_details_pb2.BadRequest.FieldViolation],
+    delay: duration_pb2.Duration | None,
+) -> grpc.Status:
+    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata={"phase": phase}))]
     if violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
-    delay = err.retry_delay
     if delay is not None:
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=duration(delay))))
-    status = status_pb2.Status(code=int(err.code), message=err.message, details=details)
-    return rpc_status.to_status(status)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
 
 
 def cancel_status(reason: CancelReason) -> tuple[grpc.StatusCode, str]:
@@ -48,4 +71,6 @@ def cancel_status(reason: CancelReason) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the stage's deadline passed"
     if reason == CancelReason.SHUTDOWN:
         return grpc.StatusCode.CANCELLED, "the server shut down before the stage finished"
+    if reason == CancelReason.DISCONNECTED:
+        return grpc.StatusCode.CANCELLED, "the stream's connection dropped and no ResumeStage came in time"
     return grpc.StatusCode.CANCELLED, "the stage was cancelled by CancelStage"
