@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2
 from redis import asyncio as aioredis
+from toolchain_client.aio import ToolchainClient
 from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 from toolchain_service.config import AuthSettings, ClusterSettings, ConfigError
@@ -392,3 +393,19 @@ async def test_an_unreachable_redis_stops_start_up_naming_the_key(fake: FakeBack
     )
     with pytest.raises(ConfigError, match=r"^cluster\.redis_url: cannot reach Redis"):
         await start_server(settings)
+
+
+async def test_the_python_client_resumes_a_stream_on_another_replica(pair: tuple[Replica, Replica]) -> None:
+    a, b = pair
+    received: list[pb.StageEvent] = []
+    async with ToolchainClient(a.server.address) as first, ToolchainClient(b.server.address) as second:
+        events = first.stream_synthesis("What is 2+3?", stage_id="py-client", timeout=60)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                received.append(event)
+                if len(received) == 4:
+                    break  # closing the iterator cancels the call: the stream "drops"
+        async for event in second.resume_stage("py-client", after_sequence=received[-1].sequence, timeout=60):
+            received.append(event)
+    assert [e.sequence for e in received] == list(range(len(received)))
+    assert kinds(received)[-1] == "done"

@@ -9,7 +9,7 @@ BadRequest field violations, RetryInfo delay).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -350,7 +350,7 @@ class ToolchainClient:
         tool_choice: str | pb.ToolChoice | None = None,
         repair_invalid_calls: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[pb.StageEvent]:
+    ) -> AsyncGenerator[pb.StageEvent, None]:
         """StreamTools: the events of the tool phase. The call starts on the first
         `__anext__`; closing the iterator (`aclose`, `contextlib.aclosing`) or cancelling
         the task that iterates it cancels the call. A failed stream yields its Error event,
@@ -392,7 +392,7 @@ class ToolchainClient:
         tool_choice: str | pb.ToolChoice | None = None,
         repair_invalid_calls: bool = False,
         timeout: float | None = None,
-    ) -> AsyncIterator[pb.StageEvent]:
+    ) -> AsyncGenerator[pb.StageEvent, None]:
         """StreamSynthesis: the events of both phases; see `stream_tools` for cancelling."""
         stage = build_stage(
             user_prompt,
@@ -410,6 +410,23 @@ class ToolchainClient:
         call = self._stub.StreamSynthesis(
             pb.StreamSynthesisRequest(stage=stage), timeout=self._deadline(timeout), metadata=self._metadata
         )
+        try:
+            async for response in call:
+                yield response.event
+        finally:
+            call.cancel()
+
+    async def resume_stage(
+        self, stage_id: str, *, after_sequence: int | None = None, timeout: float | None = None
+    ) -> AsyncGenerator[pb.StageEvent, None]:
+        """ResumeStage: a stream whose connection dropped, from the event after
+        `after_sequence` (the last one received; None: from the first) to its terminal
+        event, on any replica that shares the server's registry. Cancelling works as for
+        `stream_tools`."""
+        request = pb.ResumeStageRequest(stage_id=stage_id)
+        if after_sequence is not None:
+            request.after_sequence = after_sequence
+        call = self._stub.ResumeStage(request, timeout=self._deadline(timeout), metadata=self._metadata)
         try:
             async for response in call:
                 yield response.event

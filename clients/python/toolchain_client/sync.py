@@ -216,6 +216,21 @@ class SyncToolchainClient:
         finally:
             call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
 
+    def resume_stage(
+        self, stage_id: str, *, after_sequence: int | None = None, timeout: float | None = None
+    ) -> Iterator[pb.StageEvent]:
+        """ResumeStage: a stream whose connection dropped, from the event after
+        `after_sequence` (None: from the first) to its terminal event."""
+        request = pb.ResumeStageRequest(stage_id=stage_id)
+        if after_sequence is not None:
+            request.after_sequence = after_sequence
+        call = self._stub.ResumeStage(request, timeout=self._deadline(timeout), metadata=self._metadata)
+        try:
+            for response in call:
+                yield response.event
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leave it untyped
+
     def cancel_stage(self, stage_id: str, *, timeout: float | None = None) -> None:
         """CancelStage: cancel a running stage (NOT_FOUND when unknown or finished)."""
         self._stub.CancelStage(
