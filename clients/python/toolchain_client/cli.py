@@ -1,6 +1,7 @@
 """The `toolchain` command: run the server, run stages, list tools, cancel stages.
 
     toolchain serve [--address HOST:PORT] [--config FILE] [--print-config] [--log-format text|json]
+                    [--workers N]
     toolchain run [options] PROMPT        stream a stage (StreamSynthesis by default)
     toolchain tools [--json]              list the server's tools
     toolchain cancel STAGE_ID             cancel a running stage
@@ -86,6 +87,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from toolchain_service.config import CONFIG_FILE_ENV, ConfigError, load_settings  # noqa: PLC0415
         from toolchain_service.logs import configure_logging as configure_service_logging  # noqa: PLC0415
         from toolchain_service.transport.server import serve  # noqa: PLC0415
+        from toolchain_service.workers import (  # noqa: PLC0415
+            WorkerFields,
+            exit_with_parent,
+            supervise,
+            worker_settings,
+        )
     except ImportError as exc:
         print(f"toolchain serve needs the server package (toolchain_service): {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -98,6 +105,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         overrides["log_format"] = args.log_format
     if args.log_level:
         overrides["log_level"] = args.log_level
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     try:
         settings = load_settings(**overrides)
     except ConfigError as exc:
@@ -108,7 +117,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     # The stage-end record's fields become JSON fields (or key=value pairs) only with the
     # service's formatters; prompts stay out of every log unless log_prompts is set.
-    configure_service_logging(settings.log_format, settings.log_level, log_prompts=settings.log_prompts)
+    handler = configure_service_logging(
+        settings.log_format, settings.log_level, log_prompts=settings.log_prompts
+    )
+    if args.worker_index is not None:  # one of the workers of a `serve --workers N`
+        settings = worker_settings(settings, args.worker_index)
+        handler.addFilter(WorkerFields(args.worker_index))
+        exit_with_parent()
+    elif settings.workers > 1:
+        try:
+            return asyncio.run(supervise(settings, lambda index: _worker_command(args, index)))
+        except KeyboardInterrupt:  # before the supervisor installed its own SIGINT handler
+            return EXIT_CANCELLED
     try:
         try:
             import uvloop  # noqa: PLC0415
@@ -122,6 +142,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
+
+
+def _worker_command(args: argparse.Namespace, index: int) -> list[str]:
+    """`serve` again, as worker `index` (the environment, with the configuration file's
+    path, is inherited)."""
+    command = [sys.executable, "-m", "toolchain_client", "serve", "--worker-index", str(index)]
+    for flag, value in (
+        ("--address", args.address),
+        ("--log-format", args.log_format),
+        ("--log-level", args.log_level),
+        ("--workers", args.workers),
+    ):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
 
 
 # --- run ------------------------------------------------------------------------------
@@ -438,6 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="log lines on stderr (overrides log_format; default text)",
     )
     serve.add_argument("--log-level", help="logging level (overrides log_level; default INFO)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N server processes on the one port (SO_REUSEPORT; overrides workers; default 1), "
+        "restarted when one dies; N > 1 needs a fixed port. Each worker is an independent server "
+        "unless cluster.redis_url is set: without it CancelStage reaches only stages on the "
+        "worker the caller's connection landed on",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     serve.set_defaults(handler=_cmd_serve)
 
     run = commands.add_parser("run", help="run one stage and print its events")
