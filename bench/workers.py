@@ -90,11 +90,13 @@ def _service_env(url: str, port: int, workers: int) -> None:
     )
 
 
-def run_row(args: argparse.Namespace, workers: int, url: str, log_dir: Path, backend: Child) -> Row:
+def run_row(
+    args: argparse.Namespace, number: int, workers: int, url: str, log_dir: Path, backend: Child
+) -> Row:
     row = Row(workers, args.concurrency, args.requests)
     print(f"  workers={workers} C={args.concurrency} N={args.requests} ...", file=sys.stderr, flush=True)
     _service_env(url, free_port(), workers)
-    service = Child(f"serve-{workers}", "toolchain_client", ["serve"], log_dir)
+    service = Child(f"{number:02d}-serve-{workers}", "toolchain_client", ["serve"], log_dir)
     loadgen: Child | None = None
     pids: list[int] = []
     ended_before: Counter[int] = Counter()
@@ -105,7 +107,7 @@ def run_row(args: argparse.Namespace, workers: int, url: str, log_dir: Path, bac
         roles = {"service": [service.pid, *(p for p in pids if p != service.pid)], "backend": [backend.pid]}
         warmup = max(20, min(2 * args.concurrency, args.concurrency + 100))
         loadgen = Child(
-            f"loadgen-{workers}",
+            f"{number:02d}-loadgen-{workers}",
             "bench.loadgen",
             [
                 "--target",
@@ -149,7 +151,7 @@ def run_row(args: argparse.Namespace, workers: int, url: str, log_dir: Path, bac
         ours = sum(cpu1[role] - cpu0[role] for role in cpu0)
         row.busy_pct = (busy1 - busy0) / capacity * 100.0
         row.other_pct = max(0.0, busy1 - busy0 - ours) / capacity * 100.0
-    except ChildFailed as exc:
+    except (ChildFailed, OSError) as exc:  # OSError: a process of the row is gone from /proc
         row.status, row.error = "FAILED", str(exc)
     finally:
         if loadgen is not None:
@@ -209,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend = Child("backend", "bench.backend", ["--chunks", str(scenario.DEFAULT_CHUNKS)], log_dir)
         try:
             url = f"http://127.0.0.1:{backend.expect('READY', 60)}/v1"
-            rows = [run_row(args, n, url, log_dir, backend) for n in counts]
+            rows = [run_row(args, i, n, url, log_dir, backend) for i, n in enumerate(counts)]
         finally:
             backend.stop()
     print(report_text(rows, args), flush=True)
