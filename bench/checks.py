@@ -1,7 +1,8 @@
 """Checks of every stage response the load generator receives (service and ceiling rows).
 
 A stream must be: tool-phase chunks (the call's id and name once, the argument fragments
-that join to the scenario's arguments, a finish chunk), exactly one tool summary with one
+that join to the scenario's arguments, a finish chunk; the service may merge fragments that
+arrived together, so at most the scenario's count), exactly one tool summary with one
 ``calculator`` call whose outcome is OK and whose result is ``{"expression": "2+3",
 "result": 5}``, synthesis chunks that join to the expected text (synthesis RPCs), then
 ``done`` last, with sequence numbers 0..n-1 and one stage id. A unary response must carry
@@ -46,9 +47,27 @@ def check_tool_results(results: Sequence[pb.ToolCallResult]) -> None:
     )
 
 
+class Counts:
+    """Events of the streams checked since the last `reset` (a row's events per stage)."""
+
+    events = 0
+    streams = 0
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.events = cls.streams = 0
+
+    @classmethod
+    def per_stream(cls) -> float:
+        return cls.events / cls.streams if cls.streams else 0.0
+
+
 def check_events(events: Sequence[pb.StageEvent], exp: Expected) -> None:
-    """One streamed stage, event by event."""
-    _require(len(events) == exp.events, f"expected {exp.events} events, got {len(events)}")
+    """One streamed stage, event by event. Deltas that reached the service together may
+    come as one chunk, so a stream has at most the scenario's events and chunks."""
+    Counts.events += len(events)
+    Counts.streams += 1
+    _require(len(events) <= exp.events, f"expected at most {exp.events} events, got {len(events)}")
     stage_id = events[0].stage_id
     _require(bool(stage_id), "empty stage_id")
     arguments: list[str] = []
@@ -94,11 +113,13 @@ def check_events(events: Sequence[pb.StageEvent], exp: Expected) -> None:
     _require(events[-1].WhichOneof("event") == "done", "the last event is not done")
     _require(heads == 1, f"the call's id and name came {heads} times")
     _require("".join(arguments) == scenario.TOOL_ARGUMENTS, f"arguments {''.join(arguments)!r}")
-    _require(tool_chunks == exp.tool_chunks, f"{tool_chunks} tool chunks, expected {exp.tool_chunks}")
+    _require(
+        1 <= tool_chunks <= exp.tool_chunks, f"{tool_chunks} tool chunks, expected 1 to {exp.tool_chunks}"
+    )
     if exp.synthesis:
         _require(
-            synthesis_chunks == exp.synthesis_chunks,
-            f"{synthesis_chunks} synthesis chunks, expected {exp.synthesis_chunks}",
+            1 <= synthesis_chunks <= exp.synthesis_chunks,
+            f"{synthesis_chunks} synthesis chunks, expected 1 to {exp.synthesis_chunks}",
         )
         _require("".join(text) == exp.text, f"streamed text {''.join(text)!r}")
     done = events[-1].done

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench import common
+from bench import checks, common
 from bench.scenario import percentile
 
 #: A stage: returns (first-event instant, last-event instant) in perf_counter seconds,
@@ -67,6 +67,8 @@ class Report:
     latency: Summary = field(default_factory=Summary)
     ttfe: Summary = field(default_factory=Summary)
     max_in_flight: int = 0
+    #: Events per streamed stage (the checks count them; 0 for unary rows and floors).
+    events_per_stage: float = 0.0
     warmup_stages: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -146,6 +148,7 @@ class Harness:
                 task.cancel()
             raise SystemExit(2)
         go = time.perf_counter()
+        checks.Counts.reset()
         self.report.warmup_stages = self.warm_done
         self.measuring = True
         await asyncio.gather(*workers)
@@ -154,6 +157,7 @@ class Harness:
         report.stages_per_s = report.measured / report.wall_s if report.wall_s > 0 else 0.0
         report.latency = Summary.of(self.latencies)
         report.ttfe = Summary.of(self.ttfes)
+        report.events_per_stage = checks.Counts.per_stream()
         common.announce("FINISHED")
         if await common.read_command() != "REPORT":
             raise SystemExit(2)

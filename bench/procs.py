@@ -98,7 +98,8 @@ class Child:
         self.stop()
 
     def log_tail(self, lines: int = 15) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it; what it wrote is on disk by then
+            self._log.flush()
         try:
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         except OSError:

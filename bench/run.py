@@ -101,6 +101,7 @@ class Row:
     other_cpu_pct: float = 0.0
     wall_s: float = 0.0
     max_in_flight: int = 0
+    events_per_stage: float = 0.0
     backend_requests: dict[str, int] = field(default_factory=dict)
     backend_connections: int = 0
     ratios: dict[str, float] = field(default_factory=dict)
@@ -287,6 +288,7 @@ class Bench:
         row.ttfe_ms = dict(report["ttfe"])
         row.wall_s = float(report["wall_s"])
         row.max_in_flight = int(report["max_in_flight"])
+        row.events_per_stage = float(report.get("events_per_stage", 0.0))
         per_stage = {role: (last.cpu[role] - first.cpu[role]) * 1000.0 / measured for role in first.cpu}
         row.process_cpu_ms = per_stage
         row.client = str(report["extra"].get("client", ""))
@@ -576,6 +578,7 @@ def table(rows: Sequence[Row]) -> str:
         "p99/lean",
         "thr/sdk",
         "thr/ceil",
+        "ev/stage",
         "other%",
         "status",
     ]
@@ -608,6 +611,7 @@ def table(rows: Sequence[Row]) -> str:
             fmt(ratios["p99_vs_lean"]) if "p99_vs_lean" in ratios else "",
             fmt(ratios["throughput_vs_sdk"]) if "throughput_vs_sdk" in ratios else "",
             fmt(ratios["throughput_vs_ceiling"]) if "throughput_vs_ceiling" in ratios else "",
+            fmt(row.events_per_stage, 1) if row.events_per_stage else "",
             fmt(row.other_cpu_pct, 0),
             "ok" if row.ok else "FAILED",
         ]

@@ -24,7 +24,7 @@ from toolchain_service.config import AuthSettings, ClusterSettings, ConfigError
 from toolchain_service.transport.server import RunningServer, start_server
 
 from tests.conftest import Harness, collect, detail, kinds, make_settings, rich_status, stage
-from tests.fakes.openai_backend import FakeBackend, HangReply, stage_handler
+from tests.fakes.openai_backend import FakeBackend, HangReply, SSEReply, stage_handler, text_chunks
 from tests.fakes.redis_server import RedisServer, free_port, start_redis
 from tests.fakes.server_process import serve_env, start_serve
 
@@ -211,7 +211,9 @@ async def test_a_dropped_stream_with_no_resume_ends_with_cancel_disconnected(
 
 async def test_resume_past_the_log_cap_is_out_of_range(fake: FakeBackend, redis_server: RedisServer) -> None:
     fake.handler = stage_handler(chunks=60)
-    a = await start_replica(fake, redis_server.url, "cap-a", cluster={"event_log_max_events": 16})
+    a = await start_replica(
+        fake, redis_server.url, "cap-a", cluster={"event_log_max_events": 16}, backend={"merge_deltas": False}
+    )
     try:
         original, code = await collect(
             a.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage(stage_id="capped")), timeout=60)
@@ -409,3 +411,39 @@ async def test_the_python_client_resumes_a_stream_on_another_replica(pair: tuple
             received.append(event)
     assert [e.sequence for e in received] == list(range(len(received)))
     assert kinds(received)[-1] == "done"
+
+
+async def test_a_stalled_reader_is_let_go_and_its_stage_stays_resumable(
+    fake: FakeBackend, redis_server: RedisServer
+) -> None:
+    words = "abcdefghi " * 1_500_000  # 15 MB in 3,000 deltas: more than every buffer between
+    fake.script(SSEReply(text_chunks(words, pieces=3000), delay=0.00001))
+    a = await start_replica(
+        fake,
+        redis_server.url,
+        "stall-a",
+        stream_stall_seconds=1.0,
+        backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0},
+    )
+    # a small receive window (no BDP probing), and room for Done, which carries the whole text
+    options = (("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 << 20))
+    channel = grpc.aio.insecure_channel(a.server.address, options=options)
+    try:
+        stub = pb_grpc.ToolchainServiceStub(channel)
+        call = stub.StreamTools(pb.StreamToolsRequest(stage=stage("long", stage_id="stalled")), timeout=60)
+        before = await first_events(call, 1)  # then the caller stops reading
+        async with asyncio.timeout(60):  # until the server lets the stream go
+            while (handle := a.server.stages.get("stalled")) is None or handle.readers:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        backlog, code = await collect(call)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        before += backlog
+        rest, code = await collect(await resumed(stub, "stalled", before[-1].sequence))
+        assert code == grpc.StatusCode.OK
+        events = before + rest
+        assert [e.sequence for e in events] == list(range(len(events)))
+        assert events[-1].done.text == words
+        assert fake.disconnects == 0  # the stage ran on
+    finally:
+        await channel.close(None)
+        await a.close()

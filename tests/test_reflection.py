@@ -86,7 +86,7 @@ async def test_grpcurl_describe_shows_the_protos_comments(h: Harness) -> None:
     code, out, err = await grpcurl("-plaintext", h.server.address, "describe", SERVICE)
     assert code == 0, err
     assert "ToolchainService runs tool stages" in out  # the service's leading comment
-    assert "CancelStage cancels a running stage, from any connection." in out  # an RPC's
+    assert "CancelStage cancels a running stage, from any connection and," in out  # an RPC's
     code, out, err = await grpcurl("-plaintext", h.server.address, "describe", "toolchain.v1.ErrorReason")
     assert code == 0, err
     assert "BACKEND_RATE_LIMITED = 8;" in out and "Retry after the RetryInfo" in out

@@ -95,6 +95,11 @@ class BackendSettings(_Strict):
     max_retries: int = Field(2, ge=0, le=10, description="retries of transient failures before output")
     max_connections: int = Field(256, ge=1, description="HTTP connection pool size")
     max_response_bytes: int = Field(8 << 20, ge=1024, description="largest body or SSE event accepted")
+    merge_deltas: bool = Field(
+        True,
+        description="stream the deltas that arrived together as one chunk (fewer, fuller events); "
+        "false: one chunk per backend delta",
+    )
     extra_body: dict[str, Any] = Field({}, description="extra JSON fields sent with every request")
     num_predict_option: bool = Field(False, description="also send options.num_predict (Ollama)")
     forces_tool_choice: bool = Field(
@@ -537,6 +542,12 @@ class Settings(BaseSettings):
     )
     max_deadline_seconds: float = Field(
         3600.0, gt=0, description="longest deadline a stage gets; longer caller deadlines are cut"
+    )
+    stream_stall_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a stream's event may wait for its reader to read; longer: the stream "
+        "ends with RESOURCE_EXHAUSTED (READER_STALLED)",
     )
     shutdown_grace: float = Field(10.0, ge=0, description="seconds running stages get on SIGTERM")
     health_interval: float = Field(

@@ -16,6 +16,7 @@ transport-free.
     ├── EventsDropped               OUT_OF_RANGE            (the log no longer keeps them)
     ├── OwnerLost                   UNAVAILABLE         yes (the replica running the stage died)
     ├── RegistryUnavailable         UNAVAILABLE         yes (Redis, or the owning replica, silent)
+    ├── ReaderStalled               RESOURCE_EXHAUSTED      (a stream's reader stopped reading)
     └── BackendError                                        (the model server failed)
         ├── BackendUnavailable      UNAVAILABLE         yes (refused, DNS, TLS, 5xx, 429, timeout, cut)
         ├── BackendRejected         INVALID_ARGUMENT        (HTTP 400/422)
@@ -187,6 +188,13 @@ class RegistryUnavailable(StageError):
     code = Code.UNAVAILABLE
     reason = "REGISTRY_UNAVAILABLE"
     retryable = True
+
+
+class ReaderStalled(StageError):
+    """A stream's reader did not read for `stream_stall_seconds`: the stream was stopped."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "READER_STALLED"
 
 
 class BackendError(StageError):

@@ -37,6 +37,7 @@ class CancelReason(enum.IntEnum):
     DEADLINE = 3
     SHUTDOWN = 4
     DISCONNECTED = 5
+    READER_STALLED = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,12 @@ class Relay(Generic[Item]):
         self._room.set()
         self.attached = True
         self.closed = False
-        #: The reader is in a write.
-        self.writing = False
+        #: Since when the reader has been in a write (monotonic; 0.0: it is not).
+        self.writing = 0.0
         #: The reader was cancelled because it was stuck in a write after the end.
         self.forced = False
+        #: The reader was cancelled because it was stuck in a write too long (stall limit).
+        self.stalled = False
         #: The last item put (the terminal one, once closed).
         self.last: Item | None = None
         self._reader: asyncio.Task[object] | None = None
@@ -62,6 +64,12 @@ class Relay(Generic[Item]):
         if self.writing and self._reader is not None:
             self._force_timer = asyncio.get_running_loop().call_later(self._grace, self._force)
 
+    def stall(self) -> None:
+        """The reader has been stuck in a write too long: cancel it (its door detaches)."""
+        if self._reader is not None and not self.stalled and not self.forced:
+            self.stalled = True
+            self._reader.cancel()
+
     def _force(self) -> None:
         if self.writing and self._reader is not None:
             self.forced = True
@@ -84,7 +92,7 @@ class Relay(Generic[Item]):
         return item
 
     def written(self) -> None:
-        self.writing = False
+        self.writing = 0.0
         if self._force_timer is not None:
             self._force_timer.cancel()
             self._force_timer = None

@@ -7,7 +7,8 @@ tool) and unwinds it, closing what it opened; the door that owns the task sees t
 recorded reason, calls `uncancel()`, and reports the cancellation to its caller. A
 cancellation without a recorded reason is the client going away and simply propagates.
 
-A stream's door marks the time it hands an event to grpc (`writing`): a cancellation
+A stream's door marks the time it hands an event to grpc (`writing`, the monotonic time
+the write began; 0 when none is in progress): a cancellation
 that arrives then waits for that write (up to WRITE_GRACE) and lands right after it, in
 `written`, so the door can still send its Cancel event. Cancelling in the middle of the
 write would leave it pending in grpc, where no other event can follow it.
@@ -16,7 +17,9 @@ write would leave it pending in grpc, where no other event can follow it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from toolchain_service.errors import (
     NotFoundError,
@@ -27,6 +30,9 @@ from toolchain_service.errors import (
     Unavailable,
 )
 from toolchain_service.events import CancelReason
+
+if TYPE_CHECKING:
+    from toolchain_service.relay import Relay
 
 #: Seconds a cancellation waits for a write in progress (a reader that does not read can
 #: hold one back for ever: then the cancellation lands in the write, and the stream ends
@@ -43,6 +49,7 @@ class StageHandle:
         "principal",
         "readers",
         "reason",
+        "relay",
         "shared",
         "stage_id",
         "task",
@@ -56,8 +63,10 @@ class StageHandle:
         self.principal = principal
         self.reason = CancelReason.UNSPECIFIED
         self.active = True
-        #: The door is handing an event to grpc.
-        self.writing = False
+        #: Since when the door has been handing an event to grpc (0.0: it is not).
+        self.writing = 0.0
+        #: A logged stream's hand-over to its live reader, whose writes are watched instead.
+        self.relay: Relay[Any] | None = None
         #: Streams reading a logged stage live: its own, and resumed ones (cluster mode).
         self.readers = 0
         #: Registered in the replicas' shared registry (which hears of its end).
@@ -102,7 +111,7 @@ class StageHandle:
     def written(self) -> None:
         """Called by the door (in the stage's task) after each write: a cancellation that
         waited for the write lands here."""
-        self.writing = False
+        self.writing = 0.0
         if self._deferred is not None:
             self._deferred.cancel()
             self._deferred = None
@@ -200,6 +209,21 @@ class StageManager:
         if op == "attach":
             return handle.attach()
         return handle.detach(self.resume_grace)
+
+    async def watch_stalls(self, limit: float) -> None:
+        """Stop the streams whose reader has not taken an event for `limit` seconds: the
+        stage is cancelled (READER_STALLED, landing in the stuck write), or, for a logged
+        stream, its reader is detached and the stage goes on for ResumeStage."""
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            stuck = time.monotonic() - limit
+            for handle in list(self._running.values()):
+                relay = handle.relay
+                if relay is not None:
+                    if 0 < relay.writing < stuck:
+                        relay.stall()
+                elif 0 < handle.writing < stuck:
+                    handle.cancel(CancelReason.READER_STALLED)
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))

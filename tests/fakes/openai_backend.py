@@ -508,11 +508,13 @@ class _TrackingServer(web.Server):
 
 
 class _Exchange:
-    __slots__ = ("request", "response")
+    __slots__ = ("frames", "request", "response")
 
-    def __init__(self, request: web.BaseRequest) -> None:
+    def __init__(self, request: web.BaseRequest, frames: list[int] | None = None) -> None:
         self.request = request
         self.response: web.StreamResponse | None = None
+        #: Where SSE frames written one by one are counted (FakeBackend.frames_sent).
+        self.frames = frames
 
 
 async def _flush(transport: asyncio.BaseTransport, limit: float = 1.0) -> None:
@@ -554,6 +556,7 @@ class FakeBackend:
         self._queue: deque[Reply] = deque()
         self._request_count = 0
         self._disconnects = 0
+        self._frames_sent = [0]
         self._disconnects_awaited = 0
         self._open_connections = 0
         self._total_connections = 0
@@ -662,6 +665,12 @@ class FakeBackend:
         return self._disconnects
 
     @property
+    def frames_sent(self) -> int:
+        """SSE frames written so far by replies with a ``delay`` (written one by one); a
+        write waits while the client does not read, so this stops growing then."""
+        return self._frames_sent[0]
+
+    @property
     def open_connections(self) -> int:
         return self._open_connections
 
@@ -755,7 +764,7 @@ class FakeBackend:
         if task is not None:
             self._tasks.add(task)
         self._active_responses += 1
-        exchange = _Exchange(request)
+        exchange = _Exchange(request, self._frames_sent)
         try:
             try:
                 body = json.loads(await request.read())
@@ -849,7 +858,9 @@ async def _send_sse(exchange: _Exchange, reply: SSEReply) -> web.StreamResponse:
         for i, frame in enumerate(frames):
             if i:
                 await asyncio.sleep(reply.delay)
-            await resp.write(frame)
+            await resp.write(frame)  # waits while the client does not read (TCP backpressure)
+            if exchange.frames is not None:
+                exchange.frames[0] += 1
     elif limit is None:
         await resp.write(reply.body)
     elif frames:

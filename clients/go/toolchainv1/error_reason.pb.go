@@ -111,6 +111,11 @@ const (
 	// unreachable or did not answer in time, or the replica running the stage
 	// did not answer. Retry after the RetryInfo delay.
 	ErrorReason_REGISTRY_UNAVAILABLE ErrorReason = 22
+	// RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
+	// stream_stall_seconds while an event waited, so the server stopped the
+	// stream (only this status reaches the caller). Read the stream as it comes;
+	// with a shared registry the stage goes on and ResumeStage picks it up.
+	ErrorReason_READER_STALLED ErrorReason = 23
 )
 
 // Enum value maps for ErrorReason.
@@ -139,6 +144,7 @@ var (
 		20: "RESUME_EVENTS_DROPPED",
 		21: "STAGE_OWNER_LOST",
 		22: "REGISTRY_UNAVAILABLE",
+		23: "READER_STALLED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":   0,
@@ -164,6 +170,7 @@ var (
 		"RESUME_EVENTS_DROPPED":      20,
 		"STAGE_OWNER_LOST":           21,
 		"REGISTRY_UNAVAILABLE":       22,
+		"READER_STALLED":             23,
 	}
 )
 
@@ -198,7 +205,7 @@ var File_toolchain_v1_error_reason_proto protoreflect.FileDescriptor
 
 const file_toolchain_v1_error_reason_proto_rawDesc = "" +
 	"\n" +
-	"\x1ftoolchain/v1/error_reason.proto\x12\ftoolchain.v1*\xc2\x04\n" +
+	"\x1ftoolchain/v1/error_reason.proto\x12\ftoolchain.v1*\xd6\x04\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fINVALID_REQUEST\x10\x01\x12\r\n" +
@@ -223,7 +230,8 @@ const file_toolchain_v1_error_reason_proto_rawDesc = "" +
 	"\x15RESUME_NOT_CONFIGURED\x10\x13\x12\x19\n" +
 	"\x15RESUME_EVENTS_DROPPED\x10\x14\x12\x14\n" +
 	"\x10STAGE_OWNER_LOST\x10\x15\x12\x18\n" +
-	"\x14REGISTRY_UNAVAILABLE\x10\x16B\xb4\x01\n" +
+	"\x14REGISTRY_UNAVAILABLE\x10\x16\x12\x12\n" +
+	"\x0eREADER_STALLED\x10\x17B\xb4\x01\n" +
 	"\x1dio.toolchaingrpc.toolchain.v1B\x10ErrorReasonProtoP\x01ZKgithub.com/toolchain-grpc/toolchain-grpc/clients/go/toolchainv1;toolchainv1\xa2\x02\x03TXX\xaa\x02\fToolchain.V1\xca\x02\fToolchain\\V1\xea\x02\rToolchain::V1b\x06proto3"
 
 var (

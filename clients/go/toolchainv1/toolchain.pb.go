@@ -30,7 +30,8 @@
 //   ALREADY_EXISTS      a stage with this stage_id is already running
 //   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
 //                       or the request is larger than the server accepts (gRPC
-//                       refuses it itself, without details)
+//                       refuses it itself, without details), or a stream's
+//                       reader stopped reading for stream_stall_seconds
 //   FAILED_PRECONDITION the backend refused the server's credentials (HTTP
 //                       401/403): a server configuration problem, not the caller's
 //   UNAVAILABLE         the backend is unreachable, overloaded (HTTP 429/5xx),
@@ -276,6 +277,11 @@ const (
 	// server's resume grace period; the status is CANCELLED. Only a ResumeStage
 	// after that period sees this event.
 	CancelReason_CANCEL_REASON_DISCONNECTED CancelReason = 5
+	// The stream's reader did not read for the server's stream_stall_seconds, so
+	// the server ended the stage. The caller sees only the status,
+	// RESOURCE_EXHAUSTED with reason READER_STALLED: no event can pass what it
+	// did not read. (With a shared registry the stage goes on, resumable.)
+	CancelReason_CANCEL_REASON_READER_STALLED CancelReason = 6
 )
 
 // Enum value maps for CancelReason.
@@ -287,14 +293,16 @@ var (
 		3: "CANCEL_REASON_DEADLINE",
 		4: "CANCEL_REASON_SHUTDOWN",
 		5: "CANCEL_REASON_DISCONNECTED",
+		6: "CANCEL_REASON_READER_STALLED",
 	}
 	CancelReason_value = map[string]int32{
-		"CANCEL_REASON_UNSPECIFIED":  0,
-		"CANCEL_REASON_CLIENT":       1,
-		"CANCEL_REASON_CANCEL_STAGE": 2,
-		"CANCEL_REASON_DEADLINE":     3,
-		"CANCEL_REASON_SHUTDOWN":     4,
-		"CANCEL_REASON_DISCONNECTED": 5,
+		"CANCEL_REASON_UNSPECIFIED":    0,
+		"CANCEL_REASON_CLIENT":         1,
+		"CANCEL_REASON_CANCEL_STAGE":   2,
+		"CANCEL_REASON_DEADLINE":       3,
+		"CANCEL_REASON_SHUTDOWN":       4,
+		"CANCEL_REASON_DISCONNECTED":   5,
+		"CANCEL_REASON_READER_STALLED": 6,
 	}
 )
 
@@ -2578,14 +2586,15 @@ const file_toolchain_v1_toolchain_proto_rawDesc = "" +
 	"\x19TOOL_OUTCOME_UNKNOWN_TOOL\x10\x03\x12\x17\n" +
 	"\x13TOOL_OUTCOME_FAILED\x10\x04\x12\x1a\n" +
 	"\x16TOOL_OUTCOME_TIMED_OUT\x10\x05\x12\x18\n" +
-	"\x14TOOL_OUTCOME_SKIPPED\x10\x06*\xbf\x01\n" +
+	"\x14TOOL_OUTCOME_SKIPPED\x10\x06*\xe1\x01\n" +
 	"\fCancelReason\x12\x1d\n" +
 	"\x19CANCEL_REASON_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CANCEL_REASON_CLIENT\x10\x01\x12\x1e\n" +
 	"\x1aCANCEL_REASON_CANCEL_STAGE\x10\x02\x12\x1a\n" +
 	"\x16CANCEL_REASON_DEADLINE\x10\x03\x12\x1a\n" +
 	"\x16CANCEL_REASON_SHUTDOWN\x10\x04\x12\x1e\n" +
-	"\x1aCANCEL_REASON_DISCONNECTED\x10\x052\xe4\x04\n" +
+	"\x1aCANCEL_REASON_DISCONNECTED\x10\x05\x12 \n" +
+	"\x1cCANCEL_REASON_READER_STALLED\x10\x062\xe4\x04\n" +
 	"\x10ToolchainService\x12I\n" +
 	"\bRunTools\x12\x1d.toolchain.v1.RunToolsRequest\x1a\x1e.toolchain.v1.RunToolsResponse\x12U\n" +
 	"\fRunSynthesis\x12!.toolchain.v1.RunSynthesisRequest\x1a\".toolchain.v1.RunSynthesisResponse\x12T\n" +

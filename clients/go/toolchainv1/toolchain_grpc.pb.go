@@ -30,7 +30,8 @@
 //   ALREADY_EXISTS      a stage with this stage_id is already running
 //   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
 //                       or the request is larger than the server accepts (gRPC
-//                       refuses it itself, without details)
+//                       refuses it itself, without details), or a stream's
+//                       reader stopped reading for stream_stall_seconds
 //   FAILED_PRECONDITION the backend refused the server's credentials (HTTP
 //                       401/403): a server configuration problem, not the caller's
 //   UNAVAILABLE         the backend is unreachable, overloaded (HTTP 429/5xx),

@@ -225,6 +225,7 @@ class OpenAIHTTPBackend(ChatBackend):
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._session: aiohttp.ClientSession | None = None
         self._max_bytes = settings.max_response_bytes
+        self._merge = settings.merge_deltas
         # Never echoed: a backend that repeats the key in an error message is redacted.
         self._secret = api_key if len(api_key) >= 8 else ""
 
@@ -338,13 +339,26 @@ class OpenAIHTTPBackend(ChatBackend):
                 finished = False
                 raw = http.content.iter_any()
                 timed = _within(raw, total - (time.monotonic() - started), self.name, total)
-                async for data in wire.sse_data(timed, self._max_bytes):
-                    if data is wire.DONE:
+                async for batch in wire.sse_batches(timed, self._max_bytes):
+                    done = batch[-1] is wire.DONE
+                    deltas: list[ModelDelta] = []
+                    failure: BackendError | None = None
+                    for data in batch[:-1] if done else batch:
+                        try:
+                            deltas.append(wire.parse_chunk(wire.loads(data)))
+                        except BackendError as exc:  # what came before it still goes out first
+                            failure = exc
+                            break
+                    if deltas:
+                        finished = finished or any(delta.finish_reason for delta in deltas)
+                        # what arrived together goes out together (bounded: wire.MERGE_LIMIT)
+                        for delta in wire.merge_deltas(deltas) if self._merge else deltas:
+                            yield delta
+                    if failure is not None:
+                        raise failure
+                    if done:
                         await _drain(raw)
                         return
-                    delta = wire.parse_chunk(wire.loads(data))
-                    finished = finished or bool(delta.finish_reason)
-                    yield delta
                 if not finished:
                     raise BackendUnavailable(
                         f"backend {self.name!r} closed the stream before it finished"

@@ -160,6 +160,14 @@ async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
     Lines end with LF, CRLF or CR. A body that ends without `[DONE]` simply ends (the
     caller decides whether that was a cut); a body larger than `max_bytes` raises
     `BackendResponseTooLarge` before more than `max_bytes` are buffered."""
+    async for batch in sse_batches(chunks, max_bytes):
+        for payload in batch:
+            yield payload
+
+
+async def sse_batches(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[list[bytes]]:
+    """`sse_data`, a list at a time: the payloads that one chunk of the body completed
+    (what had arrived together), never waiting for more."""
     buffer = bytearray()
     data: list[bytes] = []
     total = 0
@@ -170,6 +178,7 @@ async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
             raise BackendResponseTooLarge(max_bytes)
         buffer += chunk
         start = 0
+        batch: list[bytes] = []
         while True:
             end, after = _line_end(buffer, max(start, scanned))
             if end < 0:
@@ -182,9 +191,12 @@ async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
                 payload = b"\n".join(data)
                 data.clear()
                 if payload.strip() == DONE:
-                    yield DONE
+                    batch.append(DONE)
+                    yield batch
                     return
-                yield payload
+                batch.append(payload)
+        if batch:
+            yield batch
         del buffer[:start]
         scanned = max(0, len(buffer) - 1)  # a CR at the end is looked at again
     if buffer.endswith(b"\r"):
@@ -194,7 +206,58 @@ async def sse_data(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
     if data:
         # The last event had no blank line after it: complete JSON is still usable.
         payload = b"\n".join(data)
-        yield DONE if payload.strip() == DONE else payload
+        yield [DONE if payload.strip() == DONE else payload]
+
+
+#: The most text one merged delta carries: well under any gRPC message limit (4 MiB by
+#: default) and small enough that no single event holds much memory.
+MERGE_LIMIT = 32 << 10
+
+
+def merge_deltas(deltas: list[ModelDelta], limit: int = MERGE_LIMIT) -> list[ModelDelta]:
+    """Deltas that arrived together, as few as can carry them: consecutive ones joined
+    until one holds `limit` characters of content and arguments. Joined: the content, the
+    pieces of each tool call's arguments (a call's id and name stay on its first piece),
+    the last finish reason and usage."""
+    if len(deltas) == 1:
+        return deltas
+    merged: list[ModelDelta] = []
+    group: list[ModelDelta] = []
+    size = 0
+    for delta in deltas:
+        group.append(delta)
+        size += len(delta.content) + sum(len(call.arguments) for call in delta.tool_calls)
+        if size >= limit:
+            merged.append(_joined(group))
+            group, size = [], 0
+    if group:
+        merged.append(_joined(group))
+    return merged
+
+
+def _joined(deltas: list[ModelDelta]) -> ModelDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    content: list[str] = []
+    calls: list[ToolCallDelta] = []
+    finish_reason = ""
+    usage = None
+    for delta in deltas:
+        content.append(delta.content)
+        for call in delta.tool_calls:
+            last = calls[-1] if calls else None
+            if (
+                last is not None
+                and last.index == call.index
+                and (not call.id or call.id == last.id)
+                and (not call.name or call.name == last.name)
+            ):
+                calls[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + call.arguments)
+            else:
+                calls.append(call)
+        finish_reason = delta.finish_reason or finish_reason
+        usage = delta.usage or usage
+    return ModelDelta("".join(content), tuple(calls), finish_reason, usage)
 
 
 def _line_end(buffer: bytearray, start: int) -> tuple[int, int]:

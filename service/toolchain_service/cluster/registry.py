@@ -320,7 +320,12 @@ class Cluster:
                     "after_sequence is past its last event, or the log expired"
                 )
             return
-        if current is None or not await self.alive(entry.replica):
+        if current is None:  # its entry expired: it ended longer than the log's TTL ago
+            raise EventsDropped(
+                f"stage {entry.stage_id!r} ended more than cluster.event_log_ttl_seconds ago: "
+                "its events expired"
+            )
+        if not await self.alive(entry.replica):
             raise OwnerLost(
                 f"the replica running stage {entry.stage_id!r} ({entry.replica}) stopped before the "
                 "stage ended; run the stage again"

@@ -18,8 +18,9 @@ Tools: the built-ins, the plugins named in `tools.plugins` and the tools of the 
 servers in `mcp_servers` (connected before the port opens), checked as one set
 (`tools/catalog.py`).
 
-Drain: health turns NOT_SERVING, new stages get UNAVAILABLE, running stages get
-`shutdown_grace` seconds to finish, then end with a Cancel event (reason SHUTDOWN).
+Drain: health turns NOT_SERVING, the port closes (GOAWAY on open connections: new calls
+are refused and go to other replicas), running stages get `shutdown_grace` seconds to
+finish, then end with a Cancel event (reason SHUTDOWN).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class RunningServer:
     tracing: bool = False
     mcp_servers: list[McpServer] = field(default_factory=list)
     _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _stall_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _refreshes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     @property
@@ -130,6 +132,9 @@ class RunningServer:
 
     def watch_backends(self) -> None:
         self._health_task = asyncio.create_task(self._watch_backends(), name="toolchain-health")
+        self._stall_task = asyncio.create_task(
+            self.stages.watch_stalls(self.settings.stream_stall_seconds), name="toolchain-stalls"
+        )
 
     async def _stop_watching(self) -> None:
         for listeners in self._state_listeners():
@@ -137,11 +142,12 @@ class RunningServer:
                 listeners.remove(self.schedule_health_refresh)
         for refresh in list(self._refreshes):
             refresh.cancel()
-        task, self._health_task = self._health_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._health_task, self._stall_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._health_task = self._stall_task = None
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking stages, let running ones finish within the grace period, cancel
@@ -149,13 +155,23 @@ class RunningServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         self.stages.draining = True
         await self._stop_watching()
+        # Take no more calls: grpc closes the port and sends GOAWAY, so proxies and clients
+        # send new calls to other replicas (a refused connection is retried elsewhere; a
+        # stage answered SERVER_DRAINING would not be). The calls in progress go on. GOAWAY
+        # goes first, before health says NOT_SERVING on the open Watches: a caller that
+        # reacts to the health change then finds the connection closed to new calls.
+        closing = asyncio.create_task(self.server.stop(grace + 5.0), name="toolchain-closing")
+        await asyncio.sleep(0)  # the shutdown starts
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for good
         await self.stages.wait_idle(grace)
         cancelled = self.stages.cancel_all(CancelReason.SHUTDOWN)
         if cancelled:
             log.info("cancelled %d stages at shutdown", cancelled)
         await self.stages.wait_idle(2.0)  # the cancelled stages write their cancel events
-        await self.stop(0.5)
+        # What is left (health watches, resumed streams) ends after the last statuses went out.
+        await self.server.stop(0.5)
+        await closing
+        await self.stop(0)
 
     async def stop(self, grace: float | None = 0) -> None:
         await self._stop_watching()

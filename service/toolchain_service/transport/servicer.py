@@ -26,6 +26,7 @@ from toolchain_service.config import Settings
 from toolchain_service.errors import (
     NotFoundError,
     NotOwned,
+    ReaderStalled,
     RegistryUnavailable,
     ResumeNotConfigured,
     StageError,
@@ -59,6 +60,7 @@ _CANCEL_MESSAGES = {
     CancelReason.DEADLINE: "the call's deadline passed",
     CancelReason.SHUTDOWN: "the server is shutting down",
     CancelReason.DISCONNECTED: "the connection dropped and no ResumeStage came within the grace period",
+    CancelReason.READER_STALLED: "the stream's reader stopped reading",
 }
 #: Events a logged stage may run ahead of its live stream before it waits (cluster mode).
 _RELAY_EVENTS = 64
@@ -296,7 +298,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                         handle.finish()  # from here on nothing may cancel the stage
                         terminal = event
                     record.event(event)
-                    handle.writing = True
+                    handle.writing = time.monotonic()
                     try:
                         await write(_response(response_type, spec.stage_id, sequence, event))
                     except Exception:
@@ -324,12 +326,20 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                     await write(_response(response_type, spec.stage_id, sequence, cancel))
             finally:
                 self.stages.close(handle)
+            if reason == CancelReason.READER_STALLED:
+                await self._abort(context, self._stalled())
             await context.abort(code, details)
         finally:
             self.stages.close(handle)
             record.close()
         if isinstance(terminal, ErrorEvent):
             await self._abort(context, terminal.error)
+
+    def _stalled(self) -> ReaderStalled:
+        return ReaderStalled(
+            f"the stream's reader did not read for {self.settings.stream_stall_seconds:g}s "
+            "(stream_stall_seconds), so the server stopped the stream; read events as they come"
+        )
 
     async def _stream_logged(
         self,
@@ -344,6 +354,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         connection drops, the stage goes on (for the resume grace period, or until a
         ResumeStage follows it) instead of ending with the call."""
         relay: Relay[tuple[StageEvent, StreamResponse]] = Relay(_RELAY_EVENTS, WRITE_GRACE)
+        handle.relay = relay
         handle.attach()
         producer = asyncio.get_running_loop().create_task(
             self._produce(spec, handle, events, record, relay, response_type),
@@ -355,7 +366,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         try:
             while True:
                 event, response = await relay.get()
-                relay.writing = True
+                relay.writing = time.monotonic()
                 try:
                     await context.write(response)
                 except Exception:
@@ -375,7 +386,13 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             else:
                 relay.detach()
                 handle.detach(self.stages.resume_grace)
-                raise
+                if not relay.stalled:
+                    raise
+                # the reader stopped reading: it goes, the stage goes on (resumable)
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                await self._abort(context, self._stalled())
         except EOFError:
             await self._abort(context, StageError("the stage ended without a terminal event; this is a bug"))
         finally:

@@ -71,6 +71,8 @@ def cancel_status(reason: CancelReason) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the stage's deadline passed"
     if reason == CancelReason.SHUTDOWN:
         return grpc.StatusCode.CANCELLED, "the server shut down before the stage finished"
+    if reason == CancelReason.READER_STALLED:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "the stream's reader stopped reading"
     if reason == CancelReason.DISCONNECTED:
         return grpc.StatusCode.CANCELLED, "the stream's connection dropped and no ResumeStage came in time"
     return grpc.StatusCode.CANCELLED, "the stage was cancelled by CancelStage"

@@ -115,6 +115,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     unreachable or did not answer in time, or the replica running the stage
     did not answer. Retry after the RetryInfo delay.
     """
+    READER_STALLED: _ErrorReason.ValueType  # 23
+    """RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
+    stream_stall_seconds while an event waited, so the server stopped the
+    stream (only this status reaches the caller). Read the stream as it comes;
+    with a shared registry the stage goes on and ResumeStage picks it up.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason lists every `reason` the server puts in `google.rpc.ErrorInfo`
@@ -222,5 +228,11 @@ REGISTRY_UNAVAILABLE: ErrorReason.ValueType  # 22
 """UNAVAILABLE: the replicas' shared registry (Redis, cluster.redis_url) is
 unreachable or did not answer in time, or the replica running the stage
 did not answer. Retry after the RetryInfo delay.
+"""
+READER_STALLED: ErrorReason.ValueType  # 23
+"""RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
+stream_stall_seconds while an event waited, so the server stopped the
+stream (only this status reaches the caller). Read the stream as it comes;
+with a shared registry the stage goes on and ResumeStage picks it up.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

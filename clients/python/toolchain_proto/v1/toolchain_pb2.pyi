@@ -33,7 +33,8 @@ under protos/google/rpc (Apache-2.0, from googleapis). The status codes used:
   ALREADY_EXISTS      a stage with this stage_id is already running
   RESOURCE_EXHAUSTED  the server is at its concurrent-stage limit (retry later),
                       or the request is larger than the server accepts (gRPC
-                      refuses it itself, without details)
+                      refuses it itself, without details), or a stream's
+                      reader stopped reading for stream_stall_seconds
   FAILED_PRECONDITION the backend refused the server's credentials (HTTP
                       401/403): a server configuration problem, not the caller's
   UNAVAILABLE         the backend is unreachable, overloaded (HTTP 429/5xx),
@@ -193,6 +194,12 @@ class _CancelReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancelRe
     server's resume grace period; the status is CANCELLED. Only a ResumeStage
     after that period sees this event.
     """
+    CANCEL_REASON_READER_STALLED: _CancelReason.ValueType  # 6
+    """The stream's reader did not read for the server's stream_stall_seconds, so
+    the server ended the stage. The caller sees only the status,
+    RESOURCE_EXHAUSTED with reason READER_STALLED: no event can pass what it
+    did not read. (With a shared registry the stage goes on, resumable.)
+    """
 
 class CancelReason(_CancelReason, metaclass=_CancelReasonEnumTypeWrapper):
     """CancelReason says who cancelled a stage."""
@@ -211,6 +218,12 @@ CANCEL_REASON_DISCONNECTED: CancelReason.ValueType  # 5
 """The stream's connection dropped and no ResumeStage came within the
 server's resume grace period; the status is CANCELLED. Only a ResumeStage
 after that period sees this event.
+"""
+CANCEL_REASON_READER_STALLED: CancelReason.ValueType  # 6
+"""The stream's reader did not read for the server's stream_stall_seconds, so
+the server ended the stage. The caller sees only the status,
+RESOURCE_EXHAUSTED with reason READER_STALLED: no event can pass what it
+did not read. (With a shared registry the stage goes on, resumable.)
 """
 Global___CancelReason: _TypeAlias = CancelReason  # noqa: Y015
 

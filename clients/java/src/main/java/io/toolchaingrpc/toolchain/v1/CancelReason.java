@@ -65,6 +65,17 @@ public enum CancelReason
    * <code>CANCEL_REASON_DISCONNECTED = 5;</code>
    */
   CANCEL_REASON_DISCONNECTED(5),
+  /**
+   * <pre>
+   * The stream's reader did not read for the server's stream_stall_seconds, so
+   * the server ended the stage. The caller sees only the status,
+   * RESOURCE_EXHAUSTED with reason READER_STALLED: no event can pass what it
+   * did not read. (With a shared registry the stage goes on, resumable.)
+   * </pre>
+   *
+   * <code>CANCEL_REASON_READER_STALLED = 6;</code>
+   */
+  CANCEL_REASON_READER_STALLED(6),
   UNRECOGNIZED(-1),
   ;
 
@@ -127,6 +138,17 @@ public enum CancelReason
    * <code>CANCEL_REASON_DISCONNECTED = 5;</code>
    */
   public static final int CANCEL_REASON_DISCONNECTED_VALUE = 5;
+  /**
+   * <pre>
+   * The stream's reader did not read for the server's stream_stall_seconds, so
+   * the server ended the stage. The caller sees only the status,
+   * RESOURCE_EXHAUSTED with reason READER_STALLED: no event can pass what it
+   * did not read. (With a shared registry the stage goes on, resumable.)
+   * </pre>
+   *
+   * <code>CANCEL_REASON_READER_STALLED = 6;</code>
+   */
+  public static final int CANCEL_REASON_READER_STALLED_VALUE = 6;
 
 
   public final int getNumber() {
@@ -159,6 +181,7 @@ public enum CancelReason
       case 3: return CANCEL_REASON_DEADLINE;
       case 4: return CANCEL_REASON_SHUTDOWN;
       case 5: return CANCEL_REASON_DISCONNECTED;
+      case 6: return CANCEL_REASON_READER_STALLED;
       default: return null;
     }
   }

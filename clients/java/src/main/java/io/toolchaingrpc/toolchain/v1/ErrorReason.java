@@ -237,6 +237,17 @@ public enum ErrorReason
    * <code>REGISTRY_UNAVAILABLE = 22;</code>
    */
   REGISTRY_UNAVAILABLE(22),
+  /**
+   * <pre>
+   * RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
+   * stream_stall_seconds while an event waited, so the server stopped the
+   * stream (only this status reaches the caller). Read the stream as it comes;
+   * with a shared registry the stage goes on and ResumeStage picks it up.
+   * </pre>
+   *
+   * <code>READER_STALLED = 23;</code>
+   */
+  READER_STALLED(23),
   UNRECOGNIZED(-1),
   ;
 
@@ -461,6 +472,17 @@ public enum ErrorReason
    * <code>REGISTRY_UNAVAILABLE = 22;</code>
    */
   public static final int REGISTRY_UNAVAILABLE_VALUE = 22;
+  /**
+   * <pre>
+   * RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
+   * stream_stall_seconds while an event waited, so the server stopped the
+   * stream (only this status reaches the caller). Read the stream as it comes;
+   * with a shared registry the stage goes on and ResumeStage picks it up.
+   * </pre>
+   *
+   * <code>READER_STALLED = 23;</code>
+   */
+  public static final int READER_STALLED_VALUE = 23;
 
 
   public final int getNumber() {
@@ -510,6 +532,7 @@ public enum ErrorReason
       case 20: return RESUME_EVENTS_DROPPED;
       case 21: return STAGE_OWNER_LOST;
       case 22: return REGISTRY_UNAVAILABLE;
+      case 23: return READER_STALLED;
       default: return null;
     }
   }

@@ -36,7 +36,7 @@ public final class ErrorReasonProto extends com.google.protobuf.GeneratedFile {
   static {
     java.lang.String[] descriptorData = {
       "\n\037toolchain/v1/error_reason.proto\022\014toolc" +
-      "hain.v1*\302\004\n\013ErrorReason\022\034\n\030ERROR_REASON_" +
+      "hain.v1*\326\004\n\013ErrorReason\022\034\n\030ERROR_REASON_" +
       "UNSPECIFIED\020\000\022\023\n\017INVALID_REQUEST\020\001\022\r\n\tNO" +
       "T_FOUND\020\002\022\023\n\017MODEL_NOT_FOUND\020\003\022\031\n\025STAGE_" +
       "ALREADY_RUNNING\020\004\022\025\n\021SERVER_OVERLOADED\020\005" +
@@ -50,12 +50,12 @@ public final class ErrorReasonProto extends com.google.protobuf.GeneratedFile {
       "EDENTIALS\020\020\022\014\n\010INTERNAL\020\021\022\023\n\017STAGE_NOT_O" +
       "WNED\020\022\022\031\n\025RESUME_NOT_CONFIGURED\020\023\022\031\n\025RES" +
       "UME_EVENTS_DROPPED\020\024\022\024\n\020STAGE_OWNER_LOST" +
-      "\020\025\022\030\n\024REGISTRY_UNAVAILABLE\020\026B\264\001\n\035io.tool" +
-      "chaingrpc.toolchain.v1B\020ErrorReasonProto" +
-      "P\001ZKgithub.com/toolchain-grpc/toolchain-" +
-      "grpc/clients/go/toolchainv1;toolchainv1\242" +
-      "\002\003TXX\252\002\014Toolchain.V1\312\002\014Toolchain\\V1\352\002\rTo" +
-      "olchain::V1b\006proto3"
+      "\020\025\022\030\n\024REGISTRY_UNAVAILABLE\020\026\022\022\n\016READER_S" +
+      "TALLED\020\027B\264\001\n\035io.toolchaingrpc.toolchain." +
+      "v1B\020ErrorReasonProtoP\001ZKgithub.com/toolc" +
+      "hain-grpc/toolchain-grpc/clients/go/tool" +
+      "chainv1;toolchainv1\242\002\003TXX\252\002\014Toolchain.V1" +
+      "\312\002\014Toolchain\\V1\352\002\rToolchain::V1b\006proto3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,

@@ -279,32 +279,33 @@ public final class ToolchainProto extends com.google.protobuf.GeneratedFile {
       "E_INVALID_ARGUMENTS\020\002\022\035\n\031TOOL_OUTCOME_UN" +
       "KNOWN_TOOL\020\003\022\027\n\023TOOL_OUTCOME_FAILED\020\004\022\032\n" +
       "\026TOOL_OUTCOME_TIMED_OUT\020\005\022\030\n\024TOOL_OUTCOM" +
-      "E_SKIPPED\020\006*\277\001\n\014CancelReason\022\035\n\031CANCEL_R" +
+      "E_SKIPPED\020\006*\341\001\n\014CancelReason\022\035\n\031CANCEL_R" +
       "EASON_UNSPECIFIED\020\000\022\030\n\024CANCEL_REASON_CLI" +
       "ENT\020\001\022\036\n\032CANCEL_REASON_CANCEL_STAGE\020\002\022\032\n" +
       "\026CANCEL_REASON_DEADLINE\020\003\022\032\n\026CANCEL_REAS" +
       "ON_SHUTDOWN\020\004\022\036\n\032CANCEL_REASON_DISCONNEC" +
-      "TED\020\0052\344\004\n\020ToolchainService\022I\n\010RunTools\022\035" +
-      ".toolchain.v1.RunToolsRequest\032\036.toolchai" +
-      "n.v1.RunToolsResponse\022U\n\014RunSynthesis\022!." +
-      "toolchain.v1.RunSynthesisRequest\032\".toolc" +
-      "hain.v1.RunSynthesisResponse\022T\n\013StreamTo" +
-      "ols\022 .toolchain.v1.StreamToolsRequest\032!." +
-      "toolchain.v1.StreamToolsResponse0\001\022`\n\017St" +
-      "reamSynthesis\022$.toolchain.v1.StreamSynth" +
-      "esisRequest\032%.toolchain.v1.StreamSynthes" +
-      "isResponse0\001\022R\n\013CancelStage\022 .toolchain." +
-      "v1.CancelStageRequest\032!.toolchain.v1.Can" +
-      "celStageResponse\022T\n\013ResumeStage\022 .toolch" +
-      "ain.v1.ResumeStageRequest\032!.toolchain.v1" +
-      ".ResumeStageResponse0\001\022L\n\tListTools\022\036.to" +
-      "olchain.v1.ListToolsRequest\032\037.toolchain." +
-      "v1.ListToolsResponseB\262\001\n\035io.toolchaingrp" +
-      "c.toolchain.v1B\016ToolchainProtoP\001ZKgithub" +
-      ".com/toolchain-grpc/toolchain-grpc/clien" +
-      "ts/go/toolchainv1;toolchainv1\242\002\003TXX\252\002\014To" +
-      "olchain.V1\312\002\014Toolchain\\V1\352\002\rToolchain::V" +
-      "1b\006proto3"
+      "TED\020\005\022 \n\034CANCEL_REASON_READER_STALLED\020\0062" +
+      "\344\004\n\020ToolchainService\022I\n\010RunTools\022\035.toolc" +
+      "hain.v1.RunToolsRequest\032\036.toolchain.v1.R" +
+      "unToolsResponse\022U\n\014RunSynthesis\022!.toolch" +
+      "ain.v1.RunSynthesisRequest\032\".toolchain.v" +
+      "1.RunSynthesisResponse\022T\n\013StreamTools\022 ." +
+      "toolchain.v1.StreamToolsRequest\032!.toolch" +
+      "ain.v1.StreamToolsResponse0\001\022`\n\017StreamSy" +
+      "nthesis\022$.toolchain.v1.StreamSynthesisRe" +
+      "quest\032%.toolchain.v1.StreamSynthesisResp" +
+      "onse0\001\022R\n\013CancelStage\022 .toolchain.v1.Can" +
+      "celStageRequest\032!.toolchain.v1.CancelSta" +
+      "geResponse\022T\n\013ResumeStage\022 .toolchain.v1" +
+      ".ResumeStageRequest\032!.toolchain.v1.Resum" +
+      "eStageResponse0\001\022L\n\tListTools\022\036.toolchai" +
+      "n.v1.ListToolsRequest\032\037.toolchain.v1.Lis" +
+      "tToolsResponseB\262\001\n\035io.toolchaingrpc.tool" +
+      "chain.v1B\016ToolchainProtoP\001ZKgithub.com/t" +
+      "oolchain-grpc/toolchain-grpc/clients/go/" +
+      "toolchainv1;toolchainv1\242\002\003TXX\252\002\014Toolchai" +
+      "n.V1\312\002\014Toolchain\\V1\352\002\rToolchain::V1b\006pro" +
+      "to3"
     };
     descriptor = com.google.protobuf.Descriptors.FileDescriptor
       .internalBuildGeneratedFileFrom(descriptorData,
