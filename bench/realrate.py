@@ -125,6 +125,10 @@ class RateRow(Common):
     #: Per stream: the backend's last token send to the client's Done event (ms).
     end_behind_ms: Summary = field(default_factory=Summary)
     tokens_per_chunk: float = 0.0
+    #: Calls the service refused (RESOURCE_EXHAUSTED SERVER_OVERLOADED, its admission), and
+    #: the time from their start to the refusal (ms): told at once, not queued unseen.
+    refused: int = 0
+    refused_ms: Summary = field(default_factory=Summary)
     #: How late the backend sent tokens against its own schedule (ms): its max and mean.
     backend_lag_ms: dict[str, float] = field(default_factory=dict)
 
@@ -411,6 +415,7 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     behind: list[float] = []
     events: list[int] = []
     chunks_with_tokens = 0
+    refusals: list[float] = []
 
     timeline = Timeline(children)
 
@@ -425,9 +430,14 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
         token_chunks = 0
         stage = StageEvents()
         try:
-            async for response in stub.StreamSynthesis(request, timeout=deadline):
+            call = stub.StreamSynthesis(request, timeout=deadline)
+            async for response in call:
                 now = time.monotonic_ns()
                 first = first or now
+                if stage.count == 0 and response.event.error.reason == "SERVER_OVERLOADED":
+                    refusals.append((now - started) / 1e9)  # admission said no, at once
+                    call.cancel()
+                    return
                 kind = stage.take(response.event)
                 if kind == "chunk" and response.event.chunk.phase == pb.PHASE_SYNTHESIS:
                     content = response.event.chunk.content
@@ -470,6 +480,7 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     row.errors, row.ok_streams, row.max_in_flight = errors.count, len(events), flight.most
     row.error_kinds, row.error_after_s = errors.kinds, errors.after
     row.ttfe_ms, row.gap_ms, row.end_behind_ms = Summary.of(ttfes), Summary.of(gaps), Summary.of(behind)
+    row.refused, row.refused_ms = len(refusals), Summary.of(refusals)
     row.events_per_stage = sum(events) / max(1, len(events))
     row.tokens_per_chunk = len(gaps) / max(1, chunks_with_tokens)
     streams = [s for s in await asyncio.to_thread(backend_streams, url) if s["scenario"] == "stamped"]
@@ -478,9 +489,12 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
             "max": max(float(s["lag_max_ms"]) for s in streams),
             "mean": sum(float(s["lag_mean_ms"]) for s in streams) / len(streams),
         }
-    if errors.count or len(events) != plan.streams:
+    if errors.count or len(events) + len(refusals) != plan.streams:
         row.status = "FAILED"
-        row.error = f"{errors.count} errors, {len(events)}/{plan.streams} ok; first: {errors.first or '-'}"
+        row.error = (
+            f"{errors.count} errors, {len(events)}/{plan.streams} ok, {len(refusals)} refused;"
+            f" first: {errors.first or '-'}"
+        )
     return row
 
 
@@ -702,6 +716,8 @@ def tables(rows: Sequence[Common]) -> list[str]:
             "end99",
             "ev/stage",
             "tok/chunk",
+            "refused",
+            "refused99",
             *_COMMON,
         ]
         lines = [
@@ -721,6 +737,8 @@ def tables(rows: Sequence[Common]) -> list[str]:
                 _f(r.end_behind_ms.p99),
                 _f(r.events_per_stage),
                 _f(r.tokens_per_chunk, 2),
+                str(r.refused),
+                _f(r.refused_ms.p99) if r.refused else "",
                 *_common_cells(r),
             ]
             for r in rate

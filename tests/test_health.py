@@ -115,14 +115,21 @@ async def test_drain_turns_health_not_serving_and_refuses_new_stages(h: Harness)
     h.fake.script(SSEReply(text_chunks("stalls forever"), stall_after=2))
     stream = h.stub.StreamTools(pb.StreamToolsRequest(stage=stage(stage_id="running")))
     await stream.read()
+    # Watches opened before the drain hear it; a draining server takes no new calls.
+    watches = {
+        service: health_pb2_grpc.HealthStub(h.channel).Watch(health_pb2.HealthCheckRequest(service=service))
+        for service in SERVICES
+    }
+    for watch in watches.values():
+        assert (await watch.read()).status == SERVING
     drain = asyncio.create_task(h.server.drain(grace=0.3))
     try:
-        await watch_until(h.channel, NOT_SERVING)
-        for service in SERVICES:
-            assert await check(h.channel, service) == NOT_SERVING
+        for service, watch in watches.items():
+            assert (await watch.read()).status == NOT_SERVING, service
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await h.stub.RunSynthesis(pb.RunSynthesisRequest(stage=stage()), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert h.fake.request_count == 1  # refused before it reached the server
         events, code = await collect(stream)
         assert code == grpc.StatusCode.CANCELLED
         assert kinds(events)[-1] == "cancel" and events[-1].cancel.reason == pb.CANCEL_REASON_SHUTDOWN
