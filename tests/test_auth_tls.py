@@ -210,6 +210,40 @@ async def test_mutual_tls_requires_a_client_certificate_from_the_configured_ca(
         await stop_harness(harness)
 
 
+async def test_with_mutual_tls_only_the_certificate_that_started_a_stage_may_cancel_it(
+    fake: FakeBackend, pki: PKI
+) -> None:
+    harness = await start_harness(fake, tls=tls_settings(pki, mutual=True))
+    address = harness.server.address
+    alice = grpc.ssl_channel_credentials(pki.ca, pki.client.key, pki.client.cert)
+    bob = grpc.ssl_channel_credentials(pki.ca, pki.other_client.key, pki.other_client.cert)
+    try:
+        async with (
+            grpc.aio.secure_channel(address, alice) as alices,
+            grpc.aio.secure_channel(address, bob) as bobs,
+        ):
+            fake.script(SSEReply(text_chunks("this answer stalls"), stall_after=2))
+            stream = pb_grpc.ToolchainServiceStub(alices).StreamTools(
+                pb.StreamToolsRequest(stage=stage(stage_id="alices-stage")), timeout=30
+            )
+            first = await stream.read()
+            assert isinstance(first, pb.StreamToolsResponse) and first.event.HasField("chunk")
+            for stage_id in ("alices-stage", "nobodys-stage"):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await pb_grpc.ToolchainServiceStub(bobs).CancelStage(
+                        pb.CancelStageRequest(stage_id=stage_id), timeout=5
+                    )
+                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            await pb_grpc.ToolchainServiceStub(alices).CancelStage(
+                pb.CancelStageRequest(stage_id="alices-stage"), timeout=5
+            )
+            events, code = await collect(stream)
+            assert code == grpc.StatusCode.CANCELLED
+            assert events[-1].cancel.reason == pb.CANCEL_REASON_CANCEL_STAGE
+    finally:
+        await stop_harness(harness)
+
+
 async def test_tls_and_bearer_auth_together(
     fake: FakeBackend, pki: PKI, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,6 +35,7 @@ class PKI:
     server: KeyPair
     client: KeyPair
     stranger: KeyPair  # a client certificate from another CA
+    other_client: KeyPair  # a second client of the same CA, with its own subject
 
     @property
     def ca(self) -> bytes:
@@ -146,4 +147,5 @@ def make_pki(directory: Path) -> PKI:
         server=_write(directory, "server", _leaf(ca, "localhost", server=True)),
         client=_write(directory, "client", _leaf(ca, "test client", server=False)),
         stranger=_write(directory, "stranger", _leaf(other_ca, "stranger", server=False)),
+        other_client=_write(directory, "other-client", _leaf(ca, "other test client", server=False)),
     )
