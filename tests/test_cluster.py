@@ -447,3 +447,33 @@ async def test_a_stalled_reader_is_let_go_and_its_stage_stays_resumable(
     finally:
         await channel.close(None)
         await a.close()
+
+
+async def test_a_resume_while_the_first_stream_still_reads_gets_the_same_events(
+    pair: tuple[Replica, Replica],
+) -> None:
+    a, b = pair  # a half-open connection: the caller resumes before the server saw the drop
+    call = a.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage(stage_id="twice")), timeout=60)
+    await first_events(call, 1)
+    (original, first_code), (resumed_events, second_code) = await asyncio.gather(
+        collect(call), collect(await resumed(b.stub, "twice", 0))
+    )
+    assert first_code == second_code == grpc.StatusCode.OK
+    assert [e.SerializeToString() for e in resumed_events] == [e.SerializeToString() for e in original]
+
+
+async def test_a_detached_stage_cancelled_by_cancel_stage_shows_it_to_a_later_resume(
+    pair: tuple[Replica, Replica], fake: FakeBackend
+) -> None:
+    a, b = pair
+    request = pb.StreamSynthesisRequest(stage=stage(stage_id="gone-then-cancelled"))
+    call = a.stub.StreamSynthesis(request, timeout=60)
+    before = await first_events(call, 2)
+    call.cancel()  # detached: the stage runs on, unread
+    await b.stub.CancelStage(pb.CancelStageRequest(stage_id="gone-then-cancelled"), timeout=10)
+    await fake.wait_disconnect(10.0)
+    events, code = await collect(await resumed(b.stub, "gone-then-cancelled", before[-1].sequence))
+    assert code == grpc.StatusCode.CANCELLED
+    assert kinds(events)[-1] == "cancel" and events[-1].cancel.reason == pb.CANCEL_REASON_CANCEL_STAGE
+    sequences = [e.sequence for e in before + events]
+    assert sequences == list(range(len(sequences)))
