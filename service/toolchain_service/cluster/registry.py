@@ -157,9 +157,8 @@ class Cluster:
                 await self._writes.join()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:  # bounded: a stop never waits on Redis for long
+            await asyncio.wait(self._tasks, timeout=self.settings.request_timeout)
         self._tasks = []
         with contextlib.suppress(RedisError):
             await self._redis.delete(replica_key(self.replica_id))
@@ -391,8 +390,9 @@ class Cluster:
             except RedisError as exc:
                 log.warning("cluster: control channel lost (%s); reconnecting in %.1fs", exc, backoff)
             finally:
-                with contextlib.suppress(RedisError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(RedisError, TimeoutError):
+                    async with asyncio.timeout(self.settings.request_timeout):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
