@@ -26,8 +26,10 @@ import json
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 
@@ -93,6 +95,27 @@ async def _within(raw: AsyncIterator[bytes], budget: float, name: str, total: fl
             raise BackendUnavailable(f"backend {name!r} did not finish within {total:g} s")
         yield chunk
         resumed = time.monotonic()
+
+
+def _proxy_for(url: str) -> tuple[str | None, dict[str, str] | None]:
+    """The proxy the environment names for `url` (HTTP_PROXY / HTTPS_PROXY, unless NO_PROXY
+    exempts its host), and the Proxy-Authorization header of the credentials its URL carries."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(f"{host}:{parts.port}" if parts.port else host):
+        return None, None
+    proxy_url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    auth = None
+    if proxy_url.username is not None:
+        login, password = unquote(proxy_url.username), unquote(proxy_url.password or "")
+        auth = {"Proxy-Authorization": aiohttp.encode_basic_auth(login, password)}
+    netloc = proxy_url.hostname or ""
+    if ":" in netloc:  # IPv6
+        netloc = f"[{netloc}]"
+    if proxy_url.port:
+        netloc += f":{proxy_url.port}"
+    return f"{proxy_url.scheme}://{netloc}", auth
 
 
 class _HTTPStatusError(Exception):
@@ -217,25 +240,33 @@ class OpenAIHTTPBackend(ChatBackend):
             raise ConfigError(
                 f"backends.{name}.api_key_env: the environment variable {settings.api_key_env} is not set"
             )
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "Accept": "application/json",
-            "User-Agent": _USER_AGENT,
-        }
+        # The key goes on each request, not in the pool's default headers: aiohttp copies
+        # those onto a proxy's CONNECT request, where the key would reach the proxy.
+        self._headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+        self._request_headers: Mapping[str, str] = {**_JSON_HEADERS, "Authorization": f"Bearer {api_key}"}
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
         self._session: aiohttp.ClientSession | None = None
+        self._proxy_headers: dict[str, str] | None = None
         self._max_bytes = settings.max_response_bytes
         self._merge = settings.merge_deltas
         # Never echoed: a backend that repeats the key in an error message is redacted.
         self._secret = api_key if len(api_key) >= 8 else ""
 
     def _client(self) -> aiohttp.ClientSession:
-        """The backend's pool, made inside the running loop on first use (aiohttp's rule)."""
+        """The backend's pool, made inside the running loop on first use (aiohttp's rule).
+        HTTP(S)_PROXY and NO_PROXY count, as for other clients, but are read once here:
+        aiohttp's trust_env reads them, and ~/.netrc in a thread, on every request (about
+        a tenth of the service's CPU under load, measured), and the URL never changes."""
         if self._session is None:
+            proxy, auth = _proxy_for(self._url)
+            if auth is not None and self._url.startswith("https:"):
+                self._proxy_headers = auth  # on the CONNECT request of the tunnel
+            elif auth is not None:
+                self._request_headers = {**self._request_headers, **auth}  # a plain request goes to the proxy
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._settings.max_connections, limit_per_host=0),
                 headers=self._headers,
-                trust_env=True,  # HTTP(S)_PROXY and NO_PROXY, as other clients do
+                proxy=proxy,
             )
         return self._session
 
@@ -283,8 +314,13 @@ class OpenAIHTTPBackend(ChatBackend):
         )
         content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            response = await self._client().post(
-                self._url, data=content, headers=_JSON_HEADERS, timeout=timeout
+            client = self._client()
+            response = await client.post(
+                self._url,
+                data=content,
+                headers=self._request_headers,
+                timeout=timeout,
+                proxy_headers=self._proxy_headers,
             )
         except TimeoutError:
             raise
