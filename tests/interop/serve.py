@@ -178,8 +178,13 @@ def _settings(backend: InteropBackend, **overrides: Any) -> Settings:
         address="127.0.0.1:0",
         default_backend="fake",
         backends={
+            # one chunk per backend delta, so that every client shows it assembles many
             "fake": BackendSettings(
-                base_url=f"{backend.url}/v1", default_model=FAKE_MODEL, max_retries=0, read_timeout=60.0
+                base_url=f"{backend.url}/v1",
+                default_model=FAKE_MODEL,
+                max_retries=0,
+                read_timeout=60.0,
+                merge_deltas=False,
             )
         },
         tools=ToolSettings(weather_url=f"{backend.url}/weather-unused"),
