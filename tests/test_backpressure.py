@@ -39,7 +39,9 @@ def long_answer(delay: float) -> SSEReply:
 @pytest_asyncio.fixture
 async def stalls(fake: FakeBackend) -> AsyncIterator[Harness]:
     h = await start_harness(
-        fake, stream_stall_seconds=1.0, backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0}
+        fake,
+        stream_stall_seconds=1.0,
+        backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0, "merge_deltas": True},
     )
     yield h
     await stop_harness(h)
@@ -114,8 +116,8 @@ async def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer_in_fewer_c
         await channel.close(None)
 
 
-async def test_one_chunk_per_delta_when_merging_is_off(fake: FakeBackend) -> None:
-    h = await start_harness(fake, backend={"merge_deltas": False})
+async def test_one_chunk_per_delta_by_default(fake: FakeBackend) -> None:
+    h = await start_harness(fake)
     try:
         fake.script(SSEReply(text_chunks(" ".join(["word"] * 300))))
         events, code = await collect(

@@ -73,6 +73,13 @@ def _expired(context: Context) -> bool:
     return remaining is not None and remaining <= 0
 
 
+def _ended(context: Context) -> bool:
+    """Whether grpc has ended the call: its deadline passed, or the client cancelled it (at
+    the client's own deadline too, which comes a little before the server's): a write that
+    fails then fails for that reason, not for one of ours."""
+    return _expired(context) or context.cancelled()
+
+
 def _response(
     response_type: Callable[[], StreamResponse], stage_id: str, sequence: int, event: StageEvent
 ) -> StreamResponse:
@@ -179,7 +186,12 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                     async for logged in events:
                         response = pb.ResumeStageResponse()
                         response.event.ParseFromString(logged.data)
-                        await context.write(response)
+                        try:
+                            await context.write(response)
+                        except Exception:
+                            if not _ended(context):
+                                raise
+                            raise asyncio.CancelledError from None  # the call ended mid-write
                         expected = logged.sequence + 1
                         if response.event.WhichOneof("event") in _TERMINALS:
                             terminal = response.event
@@ -302,9 +314,9 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                     try:
                         await write(_response(response_type, spec.stage_id, sequence, event))
                     except Exception:
-                        if not _expired(context):
+                        if not _ended(context):
                             raise
-                        raise asyncio.CancelledError from None  # the deadline ended the call mid-write
+                        raise asyncio.CancelledError from None  # the call ended mid-write
                     sequence += 1
                     handle.written()
             if isinstance(terminal, ErrorEvent):
@@ -370,9 +382,9 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 try:
                     await context.write(response)
                 except Exception:
-                    if not _expired(context):
+                    if not _ended(context):
                         raise
-                    raise asyncio.CancelledError from None  # the deadline ended the call mid-write
+                    raise asyncio.CancelledError from None  # the call ended mid-write
                 relay.written()
                 if isinstance(event, DoneEvent | ErrorEvent | CancelEvent):
                     break
