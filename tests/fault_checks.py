@@ -225,6 +225,9 @@ async def streamed(h: Harness, request: pb.StageRequest, *, synthesis: bool = Fa
     try:
         async for response in call:
             events.append(response.event)
+    except asyncio.CancelledError:
+        call.cancel()  # a client that gives up cancels its call (grpc does not always do it for it)
+        raise
     except grpc.aio.AioRpcError as err:
         outcome = Outcome(err.code(), err.details() or "", status_of(err), events)
     else:

@@ -98,7 +98,7 @@ class BackendSettings(_Strict):
     merge_deltas: bool = Field(
         False,
         description="stream the deltas that arrived together as one chunk (fewer, fuller events); "
-        "false: one chunk per backend delta (the default, until a known bug with it is fixed)",
+        "false: one chunk per backend delta (the default for now)",
     )
     extra_body: dict[str, Any] = Field({}, description="extra JSON fields sent with every request")
     num_predict_option: bool = Field(False, description="also send options.num_predict (Ollama)")
