@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[object, object]
 StreamResponse = TypeVar("StreamResponse", pb.StreamToolsResponse, pb.StreamSynthesisResponse)
+Out = TypeVar("Out")
 
 #: The server's own deadline timer fires this much (at most a tenth of the time) before
 #: the call's deadline, so that the Cancel event and the status can still go out: at the
@@ -78,6 +79,25 @@ def _ended(context: Context) -> bool:
     the client's own deadline too, which comes a little before the server's): a write that
     fails then fails for that reason, not for one of ours."""
     return _expired(context) or context.cancelled()
+
+
+async def _write(context: Context, write: Callable[[Out], Awaitable[None]], message: Out) -> None:
+    """`write(message)`; a write that fails because grpc ended the call is the caller gone
+    (CancelledError), any other failure is raised as it is."""
+    try:
+        await write(message)
+    except Exception:
+        if not _ended(context):
+            raise
+        raise asyncio.CancelledError from None  # the call ended mid-write
+
+
+def _take_back_cancellation() -> None:
+    """The door answers a cancellation of its own (CancelStage, the deadline, a stall):
+    the task must not stay marked as cancelled."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _response(
@@ -186,12 +206,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                     async for logged in events:
                         response = pb.ResumeStageResponse()
                         response.event.ParseFromString(logged.data)
-                        try:
-                            await context.write(response)
-                        except Exception:
-                            if not _ended(context):
-                                raise
-                            raise asyncio.CancelledError from None  # the call ended mid-write
+                        await _write(context, context.write, response)
                         expected = logged.sequence + 1
                         if response.event.WhichOneof("event") in _TERMINALS:
                             terminal = response.event
@@ -311,12 +326,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                         terminal = event
                     record.event(event)
                     handle.writing = time.monotonic()
-                    try:
-                        await write(_response(response_type, spec.stage_id, sequence, event))
-                    except Exception:
-                        if not _ended(context):
-                            raise
-                        raise asyncio.CancelledError from None  # the call ended mid-write
+                    await _write(context, write, _response(response_type, spec.stage_id, sequence, event))
                     sequence += 1
                     handle.written()
             if isinstance(terminal, ErrorEvent):
@@ -379,20 +389,13 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             while True:
                 event, response = await relay.get()
                 relay.writing = time.monotonic()
-                try:
-                    await context.write(response)
-                except Exception:
-                    if not _ended(context):
-                        raise
-                    raise asyncio.CancelledError from None  # the call ended mid-write
+                await _write(context, context.write, response)
                 relay.written()
                 if isinstance(event, DoneEvent | ErrorEvent | CancelEvent):
                     break
         except asyncio.CancelledError:
             if relay.forced:  # the stage ended while its reader did not read: status alone
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+                _take_back_cancellation()
                 assert relay.last is not None
                 event = relay.last[0]
             else:
@@ -401,9 +404,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 if not relay.stalled:
                     raise
                 # the reader stopped reading: it goes, the stage goes on (resumable)
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+                _take_back_cancellation()
                 await self._abort(context, self._stalled())
         except EOFError:
             await self._abort(context, StageError("the stage ended without a terminal event; this is a bug"))
@@ -455,9 +456,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                 if reason == CancelReason.UNSPECIFIED:
                     raise  # not a cancellation of ours: the loop is closing
                 handle.finish()
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
+                _take_back_cancellation()
                 record.finish_cancel(reason)
                 relay.put_nowait(emit(CancelEvent(reason, _CANCEL_MESSAGES[reason])))
                 return
@@ -517,7 +516,5 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         handle.finish()
         if handle.reason == CancelReason.UNSPECIFIED:
             return CancelReason.CLIENT
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        _take_back_cancellation()
         return handle.reason
