@@ -116,15 +116,22 @@ async def test_a_slow_reader_that_keeps_reading_gets_the_whole_answer_in_fewer_c
         await channel.close(None)
 
 
-async def test_one_chunk_per_delta_by_default(fake: FakeBackend) -> None:
-    h = await start_harness(fake)
+@pytest.mark.parametrize("merge", ["default", "off"])
+async def test_a_burst_goes_out_merged_by_default_and_one_chunk_per_delta_when_off(
+    fake: FakeBackend, merge: str
+) -> None:
+    h = await start_harness(fake, **({"backend": {"merge_deltas": False}} if merge == "off" else {}))
     try:
-        fake.script(SSEReply(text_chunks(" ".join(["word"] * 300))))
+        fake.script(SSEReply(text_chunks(" ".join(["word"] * 300))))  # one burst
         events, code = await collect(
             h.stub.StreamTools(pb.StreamToolsRequest(stage=stage("story")), timeout=60)
         )
         assert code == grpc.StatusCode.OK
-        chunks = [e for e in events if e.WhichOneof("event") == "chunk" and e.chunk.content]
-        assert len(chunks) == 300
+        chunks = [e.chunk.content for e in events if e.WhichOneof("event") == "chunk" and e.chunk.content]
+        assert "".join(chunks) == " ".join(["word"] * 300)
+        if merge == "off":
+            assert len(chunks) == 300
+        else:  # deltas that arrived together: fewer, fuller chunks
+            assert len(chunks) < 300 / 4
     finally:
         await stop_harness(h)

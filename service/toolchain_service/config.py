@@ -96,9 +96,9 @@ class BackendSettings(_Strict):
     max_connections: int = Field(256, ge=1, description="HTTP connection pool size")
     max_response_bytes: int = Field(8 << 20, ge=1024, description="largest body or SSE event accepted")
     merge_deltas: bool = Field(
-        False,
+        True,
         description="stream the deltas that arrived together as one chunk (fewer, fuller events); "
-        "false: one chunk per backend delta (the default for now)",
+        "false: one chunk per backend delta",
     )
     extra_body: dict[str, Any] = Field({}, description="extra JSON fields sent with every request")
     num_predict_option: bool = Field(False, description="also send options.num_predict (Ollama)")

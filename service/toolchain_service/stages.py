@@ -216,14 +216,18 @@ class StageManager:
         stream, its reader is detached and the stage goes on for ResumeStage."""
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
-            stuck = time.monotonic() - limit
-            for handle in list(self._running.values()):
-                relay = handle.relay
-                if relay is not None:
-                    if 0 < relay.writing < stuck:
-                        relay.stall()
-                elif 0 < handle.writing < stuck:
-                    handle.cancel(CancelReason.READER_STALLED)
+            self._stop_stalled(time.monotonic() - limit)
+
+    def _stop_stalled(self, stuck: float) -> None:
+        # A function of its own, so that no handle stays referenced by the watcher's frame
+        # while it sleeps (an ended stage must be freed when it ends).
+        for handle in list(self._running.values()):
+            relay = handle.relay
+            if relay is not None:
+                if 0 < relay.writing < stuck:
+                    relay.stall()
+            elif 0 < handle.writing < stuck:
+                handle.cancel(CancelReason.READER_STALLED)
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))

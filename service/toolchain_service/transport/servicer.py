@@ -82,13 +82,20 @@ def _ended(context: Context) -> bool:
 
 
 async def _write(context: Context, write: Callable[[Out], Awaitable[None]], message: Out) -> None:
-    """`write(message)`; a write that fails because grpc ended the call is the caller gone
-    (CancelledError), any other failure is raised as it is."""
+    """`write(message)`; a write grpc refused is the caller gone (CancelledError).
+
+    grpc fails a pending write when the call ends under it: the client cancelled it, or its
+    deadline (which comes a little before the server's) passed. grpc may tell the handler
+    so (`context.cancelled()`) only a loop turn later, so the failure itself is the signal:
+    nothing of ours makes a write fail (the messages are ours and always serialize), except
+    a write after the handler itself ended the call (UsageError): that is a bug, raised."""
     try:
         await write(message)
-    except Exception:
-        if not _ended(context):
-            raise
+    except grpc.aio.UsageError:
+        raise
+    except Exception as exc:
+        told = "" if _ended(context) else " (grpc has not said so yet)"
+        log.debug("a write failed (%s): the call has ended%s", type(exc).__name__, told)
         raise asyncio.CancelledError from None  # the call ended mid-write
 
 
