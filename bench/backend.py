@@ -21,7 +21,9 @@ streamed synthesis answer, for ``bench.realrate``; the tool phase stays the same
 
 * ``stamped``: ``--tokens`` tokens at ``--rate`` tokens/s (the first at once, then on a
   fixed schedule), each token's text being ``" <time.monotonic_ns() at its send>"``, so a
-  client on the same machine can tell how long each token took to reach it;
+  client on the same machine can tell how long each token took to reach it; and the
+  streamed tool call's id is ``call_<time.monotonic_ns() at the request's arrival>``, so
+  it can tell how long its call took to reach the backend;
 * ``bulk``: a ``--bulk-bytes`` answer in ``--bulk-piece``-character pieces (``bulk_text``),
   written as fast as the connection takes it: no more is written while the transport's
   buffer is over its high-water mark (asyncio's ``pause_writing``), so what the backend
@@ -52,6 +54,11 @@ _SSE_HEAD: Final = (
 _MAX_CACHED_BODIES: Final = 256
 _MAX_HEAD: Final = 64 << 10
 _MAX_STREAMS_KEPT: Final = 100_000
+
+
+#: The call id in the answers' JSON; the stamped scenario writes its arrival stamp there.
+_CALL_ID_BYTES: Final = b'"%s"' % scenario.CALL_ID.encode()
+assert len(b'"call_%016d"' % 0) == len(_CALL_ID_BYTES)
 
 
 def _dumps(obj: object) -> bytes:
@@ -284,6 +291,8 @@ class State:
 
     def __init__(self, chunks: int, delay: float, live: LiveSpec | None = None) -> None:
         self.replies = Replies(chunks)
+        self._tool_sse_joined = b"".join(self.replies.tool_sse)
+        self.stamps_calls = live is not None and live.scenario == "stamped"
         self.delay = delay
         #: The streamed synthesis answer of the stamped and bulk scenarios (None: stage).
         self.live = live
@@ -327,6 +336,14 @@ class State:
         if len(self.routes) < _MAX_CACHED_BODIES:
             self.routes[body] = route
         return route
+
+    def stamped_tool_answer(self) -> bytes:
+        """The streamed tool-phase answer whose call id carries this request's arrival,
+        `call_<time.monotonic_ns():016d>` (as long as scenario.CALL_ID, so every chunk
+        length stays right): the client learns when its call reached the backend, the
+        bound on when the service's handler started (stamped scenario)."""
+        stamp = b'"call_%016d"' % time.monotonic_ns()
+        return self._tool_sse_joined.replace(_CALL_ID_BYTES, stamp)
 
     def stats(self) -> bytes:
         return _dumps({"requests": self.requests, "connections": self.connections, "counts": self.counts})
@@ -418,6 +435,8 @@ class Connection(asyncio.Protocol):
             state.counts[key] = state.counts.get(key, 0) + 1
             if isinstance(answer, LiveSpec):
                 self._start_live(answer)
+            elif answer is state.replies.tool_sse and state.stamps_calls:
+                transport.write(state.stamped_tool_answer())
             elif isinstance(answer, bytes):
                 transport.write(answer)
             elif state.delay <= 0:

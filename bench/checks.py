@@ -28,7 +28,7 @@ def _require(condition: bool, message: str) -> None:
         raise CheckFailed(message)
 
 
-def check_tool_results(results: Sequence[pb.ToolCallResult]) -> None:
+def check_tool_results(results: Sequence[pb.ToolCallResult], call_id: str = scenario.CALL_ID) -> None:
     _require(len(results) == 1, f"expected 1 tool result, got {len(results)}")
     r = results[0]
     _require(
@@ -36,7 +36,7 @@ def check_tool_results(results: Sequence[pb.ToolCallResult]) -> None:
         f"tool outcome {pb.ToolOutcome.Name(r.outcome)}: {r.error[:200]!r}",
     )
     _require(r.tool_name == scenario.TOOL_NAME, f"tool name {r.tool_name!r}")
-    _require(r.call_id == scenario.CALL_ID, f"call id {r.call_id!r}")
+    _require(r.call_id == call_id, f"call id {r.call_id!r}")
     _require(r.arguments == scenario.TOOL_ARGUMENTS, f"tool arguments {r.arguments!r}")
     fields = r.result.struct_value.fields
     _require(

@@ -125,6 +125,10 @@ class RateRow(Common):
     #: Per stream: the backend's last token send to the client's Done event (ms).
     end_behind_ms: Summary = field(default_factory=Summary)
     tokens_per_chunk: float = 0.0
+    #: Per stream: its call's start to its tool-phase request's arrival at the backend (ms),
+    #: the bound on how long the call waited before the service's handler ran (the handler's
+    #: own work before that request is ~1 ms unloaded).
+    to_backend_ms: Summary = field(default_factory=Summary)
     #: Calls the service refused (RESOURCE_EXHAUSTED SERVER_OVERLOADED, its admission), and
     #: the time from their start to the refusal (ms): told at once, not queued unseen.
     refused: int = 0
@@ -319,6 +323,8 @@ class StageEvents:
         self.stage_id = ""
         self.summaries = 0
         self.done: pb.Done | None = None
+        #: The streamed tool call's id (stamped scenario: call_<its arrival at the backend>).
+        self.call_id = ""
 
     def take(self, event: pb.StageEvent) -> str:
         """Check one event in order; return its kind."""
@@ -335,10 +341,14 @@ class StageEvents:
             _require(
                 event.chunk.phase == phase, f"event {event.sequence}: chunk of phase {event.chunk.phase}"
             )
+            for delta in event.chunk.tool_calls:
+                if delta.id:
+                    _require(not self.call_id, f"event {event.sequence}: a second tool call id")
+                    self.call_id = delta.id
         elif kind == "tool_summary":
             self.summaries += 1
             _require(self.summaries == 1, "more than one tool summary")
-            checks.check_tool_results(event.tool_summary.results)
+            checks.check_tool_results(event.tool_summary.results, self.call_id or scenario.CALL_ID)
         elif kind == "done":
             self.done = event.done
         else:
@@ -416,6 +426,7 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     events: list[int] = []
     chunks_with_tokens = 0
     refusals: list[float] = []
+    to_backend: list[float] = []
 
     timeline = Timeline(children)
 
@@ -457,6 +468,8 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
             errors.add(exc, started)
         else:
             ttfes.append((first - started) / 1e9)
+            _require(stage.call_id.startswith("call_"), f"tool call id {stage.call_id!r} is not stamped")
+            to_backend.append((int(stage.call_id[5:]) - started) / 1e9)
             gaps.extend(g / 1e9 for g in mine)
             behind.append((done_at - last_stamp) / 1e9)
             events.append(stage.count)
@@ -481,6 +494,7 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     row.error_kinds, row.error_after_s = errors.kinds, errors.after
     row.ttfe_ms, row.gap_ms, row.end_behind_ms = Summary.of(ttfes), Summary.of(gaps), Summary.of(behind)
     row.refused, row.refused_ms = len(refusals), Summary.of(refusals)
+    row.to_backend_ms = Summary.of(to_backend)
     row.events_per_stage = sum(events) / max(1, len(events))
     row.tokens_per_chunk = len(gaps) / max(1, chunks_with_tokens)
     streams = [s for s in await asyncio.to_thread(backend_streams, url) if s["scenario"] == "stamped"]
@@ -710,6 +724,8 @@ def tables(rows: Sequence[Common]) -> list[str]:
             "wall s",
             "TTFE50",
             "TTFE99",
+            "to-be50",
+            "to-be99",
             "gap50",
             "gap99",
             "end50",
@@ -731,6 +747,8 @@ def tables(rows: Sequence[Common]) -> list[str]:
                 _f(r.wall_s),
                 _f(r.ttfe_ms.p50),
                 _f(r.ttfe_ms.p99),
+                _f(r.to_backend_ms.p50),
+                _f(r.to_backend_ms.p99),
                 _f(r.gap_ms.p50),
                 _f(r.gap_ms.p99),
                 _f(r.end_behind_ms.p50),
@@ -745,8 +763,9 @@ def tables(rows: Sequence[Common]) -> list[str]:
         ]
         out += [
             "",
-            "A. real-rate streams (TTFE, gap = backend token send -> its event at the client, end ="
-            " last token send -> Done; ms)",
+            "A. real-rate streams (TTFE; to-be = call start -> its tool-phase request at the backend,"
+            " the wait before a handler ran; gap = backend token send -> its event at the client,"
+            " end = last token send -> Done; ms)",
         ]
         out += render(headers, lines)
     stall = [r for r in rows if isinstance(r, StallRow)]
