@@ -237,12 +237,11 @@ async def test_cancelling_mid_generation_stops_the_model(model: Embedded) -> Non
 
 
 async def test_concurrent_stages_are_generated_together(model: Embedded) -> None:
-    stages = [
-        model.stub.StreamTools(
-            pb.StreamToolsRequest(stage=_stage(LONG_PROMPT, ("calculator",), tool_tokens=200))
-        )
-        for _ in range(3)
-    ]
+    # Long answers (no tools offered: hundreds of tokens each), so that they are still being
+    # written when the slots are looked at, however busy the machine.
+    stage = _stage(LONG_PROMPT, ("calculator",), tool_tokens=400)
+    stage.tool_choice.mode = pb.TOOL_CHOICE_MODE_NONE
+    stages = [model.stub.StreamTools(pb.StreamToolsRequest(stage=stage)) for _ in range(3)]
 
     async def first_event(call: Any) -> None:
         await call.read()
