@@ -66,11 +66,14 @@ class Snapshot:
 class Child:
     """A benchmark child process with a line protocol on stdout and commands on stdin."""
 
-    def __init__(self, name: str, module: str, args: list[str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, module: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
+        """`env`: variables set for the child on top of this process's environment."""
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ)
+        env = dict(os.environ) | (env or {})
         env[PARENT_PIPE_ENV] = "1"
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.argv = [sys.executable, "-m", module, *args]

@@ -1,7 +1,7 @@
 """Real-rate many-stream benchmark: 1,000 StreamSynthesis stages open at once against a
 backend that streams at a model's pace, and 1,000 stalled readers of 1 MB answers.
 
-    python -m bench.realrate                     # both rows, 1,000 streams each (~1 minute)
+    python -m bench.realrate                     # rows A and B, 1,000 streams each, and row C
     python -m bench.realrate --smoke             # 50 streams, 2 s of streaming, < 1 minute
     python -m bench.realrate --streams 100 --rate 20 --tokens 100 --json bench/results/realrate.json
 
@@ -29,6 +29,12 @@ first event and stops reading; once every stream has its first event, the client
 answer is checked by length and CRC-32, and so is Done's text): whether backpressure
 reaches the backend, and whether the service's memory stays bounded while nobody reads.
 
+Row C, `overload`: row A's streams, twice `--admit` of them, against a service whose
+admission (`max_concurrent_stages`) is `--admit`: every call must be either served or refused
+with RESOURCE_EXHAUSTED (SERVER_OVERLOADED) and a retry delay; the row reports how long the
+served calls waited before their handler ran (`to-be`) and how long the refused ones waited
+for their refusal (targets: 50 ms each).
+
 Any error or failed check fails its row (exit code 1). See bench/README.md.
 """
 
@@ -47,7 +53,7 @@ import time
 import urllib.request
 import zlib
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -79,6 +85,9 @@ class Plan:
     #: Row B's client: 0: grpc's defaults (BDP probing grows the HTTP/2 window); else no
     #: probing and this lookahead (the stream window), in bytes.
     client_window: int = 0
+    #: Row C: the service's admitted concurrency (`max_concurrent_stages`); the row opens
+    #: twice as many calls.
+    admit: int = 100
 
 
 @dataclass
@@ -133,6 +142,10 @@ class RateRow(Common):
     #: the time from their start to the refusal (ms): told at once, not queued unseen.
     refused: int = 0
     refused_ms: Summary = field(default_factory=Summary)
+    #: Refusals whose error event carried a retry delay (the status's RetryInfo).
+    refused_with_retry: int = 0
+    #: Row C: the admitted concurrency (max_concurrent_stages), 0 in row A.
+    admit: int = 0
     #: How late the backend sent tokens against its own schedule (ms): its max and mean.
     backend_lag_ms: dict[str, float] = field(default_factory=dict)
 
@@ -171,12 +184,15 @@ def start_backend(log_dir: Path, name: str, args: list[str]) -> tuple[Child, str
     return child, f"http://127.0.0.1:{port}/v1"
 
 
-def start_service(log_dir: Path, url: str, max_connections: int) -> tuple[Child, str]:
+def start_service(
+    log_dir: Path, url: str, max_connections: int, env: dict[str, str] | None = None
+) -> tuple[Child, str]:
     child = Child(
         "service",
         "bench.service_proc",
         ["--backend-url", url, "--max-connections", str(max_connections)],
         log_dir,
+        env,
     )
     try:
         port = child.expect("READY", 120)
@@ -415,8 +431,10 @@ async def _spread(
     return tasks
 
 
-async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str) -> RateRow:
-    row = RateRow("rate", plan.streams, rate=plan.rate, tokens=plan.tokens)
+async def rate_row(
+    plan: Plan, children: dict[str, Child], url: str, target: str, name: str = "rate", admit: int = 0
+) -> RateRow:
+    row = RateRow(name, plan.streams, rate=plan.rate, tokens=plan.tokens, admit=admit)
     deadline = plan.ramp + plan.tokens / plan.rate + 120.0
     request = _request()
     flight, errors = Flight(), Errors()
@@ -426,12 +444,13 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     events: list[int] = []
     chunks_with_tokens = 0
     refusals: list[float] = []
+    with_retry = 0
     to_backend: list[float] = []
 
     timeline = Timeline(children)
 
     async def one(index: int, stub: pb_grpc.ToolchainServiceAsyncStub) -> None:
-        nonlocal chunks_with_tokens
+        nonlocal chunks_with_tokens, with_retry
         flight.enter()
         started = time.monotonic_ns()
         first = 0
@@ -447,6 +466,8 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
                 first = first or now
                 if stage.count == 0 and response.event.error.reason == "SERVER_OVERLOADED":
                     refusals.append((now - started) / 1e9)  # admission said no, at once
+                    refusal = response.event.error
+                    with_retry += refusal.retryable and refusal.HasField("retry_delay")
                     call.cancel()
                     return
                 kind = stage.take(response.event)
@@ -494,6 +515,7 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
     row.error_kinds, row.error_after_s = errors.kinds, errors.after
     row.ttfe_ms, row.gap_ms, row.end_behind_ms = Summary.of(ttfes), Summary.of(gaps), Summary.of(behind)
     row.refused, row.refused_ms = len(refusals), Summary.of(refusals)
+    row.refused_with_retry = with_retry
     row.to_backend_ms = Summary.of(to_backend)
     row.events_per_stage = sum(events) / max(1, len(events))
     row.tokens_per_chunk = len(gaps) / max(1, chunks_with_tokens)
@@ -509,6 +531,12 @@ async def rate_row(plan: Plan, children: dict[str, Child], url: str, target: str
             f"{errors.count} errors, {len(events)}/{plan.streams} ok, {len(refusals)} refused;"
             f" first: {errors.first or '-'}"
         )
+    elif with_retry != len(refusals):
+        row.status = "FAILED"
+        row.error = f"{len(refusals) - with_retry} of {len(refusals)} refusals carried no retry delay"
+    elif admit and (not refusals or len(events) > admit):
+        row.status = "FAILED"
+        row.error = f"{plan.streams} calls on {admit} admitted: {len(events)} served, {len(refusals)} refused"
     return row
 
 
@@ -637,10 +665,16 @@ async def stall_row(plan: Plan, children: dict[str, Child], url: str, target: st
 
 async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], None]) -> Common:
     """One row with a backend and a service of its own; a row whose processes fail is FAILED."""
-    if kind == "rate":
+    env: dict[str, str] = {}
+    if kind == "overload":
+        # Row C: twice the admitted concurrency, the service's admission set to it.
+        plan = replace(plan, streams=2 * plan.admit)
+        env["TOOLCHAIN_MAX_CONCURRENT_STAGES"] = str(plan.admit)
+    if kind in ("rate", "overload"):
         args = ["--scenario", "stamped", "--rate", f"{plan.rate:g}", "--tokens", str(plan.tokens)]
+        admitted = f" on {plan.admit} admitted (max_concurrent_stages)" if kind == "overload" else ""
         say(
-            f"rate: {plan.streams} streams x {plan.tokens} tokens at {plan.rate:g} tokens/s,"
+            f"{kind}: {plan.streams} streams x {plan.tokens} tokens at {plan.rate:g} tokens/s{admitted},"
             f" opened over {plan.ramp:g} s ..."
         )
     else:
@@ -658,10 +692,12 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
     try:
         backend, url = start_backend(log_dir, f"backend-{kind}", args)
         started.append(backend)
-        service, target = start_service(log_dir, url, plan.max_connections)
+        service, target = start_service(log_dir, url, plan.max_connections, env)
         started.append(service)
         children = {"server": service, "backend": backend}
-        if kind == "rate":
+        if kind == "overload":
+            row = await rate_row(plan, children, url, target, "overload", plan.admit)
+        elif kind == "rate":
             row = await rate_row(plan, children, url, target)
         else:
             row = await stall_row(plan, children, url, target)
@@ -669,7 +705,7 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
             if not child.alive():
                 row.status, row.error = "FAILED", f"{child.name} died:\n{child.log_tail()}"
     except (ChildFailed, OSError) as exc:
-        row = RateRow(kind, plan.streams) if kind == "rate" else StallRow(kind, plan.streams)
+        row = StallRow(kind, plan.streams) if kind == "stall" else RateRow(kind, plan.streams)
         row.status, row.error = "FAILED", str(exc)
     finally:
         for child in reversed(started):
@@ -835,7 +871,8 @@ def report_text(plan: Plan, rows: Sequence[Common], seconds: float) -> str:
         "",
         f"toolchain-grpc real-rate benchmark: {platform.python_implementation()} {platform.python_version()},"
         f" {os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {seconds:.0f} s",
-        f"{plan.streams} StreamSynthesis calls per row on {channels} channels, started evenly over"
+        f"{plan.streams} StreamSynthesis calls per row (overload: {2 * plan.admit}) on {channels} channels,"
+        " started evenly over"
         f" {plan.ramp:g} s; service backend pool {plan.max_connections} connections",
         "legend: srv/be/cli CPU s = CPU seconds of the service / fake backend / this client over the row;"
         " RSS = service peak (VmHWM);",
@@ -849,9 +886,16 @@ def report_text(plan: Plan, rows: Sequence[Common], seconds: float) -> str:
         if isinstance(r, RateRow) and r.backend_lag_ms:
             lag = r.backend_lag_ms
             notes.append(
-                f"rate: the backend sent its tokens up to {lag['max']:.1f} ms behind its schedule (mean"
+                f"{r.name}: the backend sent its tokens up to {lag['max']:.1f} ms behind its schedule (mean"
                 f" {lag['mean']:.2f} ms); max: TTFE {r.ttfe_ms.max:.1f} ms, gap {r.gap_ms.max:.1f} ms,"
                 f" end {r.end_behind_ms.max:.1f} ms"
+            )
+        if isinstance(r, RateRow) and r.admit:
+            notes.append(
+                f"{r.name}: {r.streams} calls on {r.admit} admitted: {r.ok_streams} served, {r.refused}"
+                f" refused ({r.refused_with_retry} with a retry delay); before the handler: served p99"
+                f" {r.to_backend_ms.p99:.1f} ms, max {r.to_backend_ms.max:.1f} ms (target <= 50);"
+                f" refused p99 {r.refused_ms.p99:.1f} ms, max {r.refused_ms.max:.1f} ms (target <= 50)"
             )
         if isinstance(r, StallRow) and r.sent_kib:
             sent = r.sent_kib
@@ -901,7 +945,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0,
         help="bytes: the client's HTTP/2 stream window, without BDP probing; 0: grpc's defaults",
     )
-    parser.add_argument("--row", action="append", choices=("rate", "stall"), help="only these rows")
+    parser.add_argument(
+        "--admit",
+        type=int,
+        default=None,
+        help="row C: the service's max_concurrent_stages; the row opens twice as many calls (100)",
+    )
+    parser.add_argument(
+        "--row", action="append", choices=("rate", "stall", "overload"), help="only these rows"
+    )
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--logs", default="", help="directory for the children's logs (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -923,8 +975,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         bulk_piece=args.bulk_piece,
         stall=args.stall if args.stall is not None else stall,
         max_connections=args.max_connections or max(256, streams),
-        rows=list(args.row or ("rate", "stall")),
+        rows=list(args.row or ("rate", "stall", "overload")),
         client_window=args.client_window,
+        admit=args.admit if args.admit is not None else (25 if args.smoke else 100),
     )
 
 
