@@ -88,6 +88,9 @@ class Plan:
     #: Row C: the service's admitted concurrency (`max_concurrent_stages`); the row opens
     #: twice as many calls.
     admit: int = 100
+    #: Row C: the service's admission_max_loop_busy (adaptive admission); 0: off, and the
+    #: count bound `admit` admits.
+    admit_busy: float = 0.0
 
 
 @dataclass
@@ -146,6 +149,8 @@ class RateRow(Common):
     refused_with_retry: int = 0
     #: Row C: the admitted concurrency (max_concurrent_stages), 0 in row A.
     admit: int = 0
+    #: Row C with adaptive admission: the service's admission_max_loop_busy.
+    admit_busy: float = 0.0
     #: How late the backend sent tokens against its own schedule (ms): its max and mean.
     backend_lag_ms: dict[str, float] = field(default_factory=dict)
 
@@ -669,10 +674,19 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
     if kind == "overload":
         # Row C: twice the admitted concurrency, the service's admission set to it.
         plan = replace(plan, streams=2 * plan.admit)
-        env["TOOLCHAIN_MAX_CONCURRENT_STAGES"] = str(plan.admit)
+        if plan.admit_busy:  # adaptive: the loop's load admits, the count bound is the default
+            env["TOOLCHAIN_ADMISSION_MAX_LOOP_BUSY"] = f"{plan.admit_busy:g}"
+        else:
+            env["TOOLCHAIN_MAX_CONCURRENT_STAGES"] = str(plan.admit)
     if kind in ("rate", "overload"):
         args = ["--scenario", "stamped", "--rate", f"{plan.rate:g}", "--tokens", str(plan.tokens)]
-        admitted = f" on {plan.admit} admitted (max_concurrent_stages)" if kind == "overload" else ""
+        admitted = ""
+        if kind == "overload":
+            admitted = (
+                f" (admission: event loop at most {plan.admit_busy:.0%} busy)"
+                if plan.admit_busy
+                else f" on {plan.admit} admitted (max_concurrent_stages)"
+            )
         say(
             f"{kind}: {plan.streams} streams x {plan.tokens} tokens at {plan.rate:g} tokens/s{admitted},"
             f" opened over {plan.ramp:g} s ..."
@@ -696,7 +710,10 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
         started.append(service)
         children = {"server": service, "backend": backend}
         if kind == "overload":
-            row = await rate_row(plan, children, url, target, "overload", plan.admit)
+            row = await rate_row(
+                plan, children, url, target, "overload", 0 if plan.admit_busy else plan.admit
+            )
+            row.admit, row.admit_busy = plan.admit, plan.admit_busy
         elif kind == "rate":
             row = await rate_row(plan, children, url, target)
         else:
@@ -892,7 +909,9 @@ def report_text(plan: Plan, rows: Sequence[Common], seconds: float) -> str:
             )
         if isinstance(r, RateRow) and r.admit:
             notes.append(
-                f"{r.name}: {r.streams} calls on {r.admit} admitted: {r.ok_streams} served, {r.refused}"
+                f"{r.name}: {r.streams} calls on"
+                + (f" a loop-load admission ({r.admit_busy:.0%})" if r.admit_busy else f" {r.admit} admitted")
+                + f": {r.ok_streams} served, {r.refused}"
                 f" refused ({r.refused_with_retry} with a retry delay); before the handler: served p99"
                 f" {r.to_backend_ms.p99:.1f} ms, max {r.to_backend_ms.max:.1f} ms (target <= 50);"
                 f" refused p99 {r.refused_ms.p99:.1f} ms, max {r.refused_ms.max:.1f} ms (target <= 50)"
@@ -952,6 +971,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="row C: the service's max_concurrent_stages; the row opens twice as many calls (100)",
     )
     parser.add_argument(
+        "--admit-busy",
+        type=float,
+        default=0.0,
+        help="row C: admit by the service's event-loop load instead (admission_max_loop_busy, e.g. 0.7)",
+    )
+    parser.add_argument(
         "--row", action="append", choices=("rate", "stall", "overload"), help="only these rows"
     )
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -978,6 +1003,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         rows=list(args.row or ("rate", "stall", "overload")),
         client_window=args.client_window,
         admit=args.admit if args.admit is not None else (25 if args.smoke else 100),
+        admit_busy=args.admit_busy,
     )
 
 

@@ -526,6 +526,7 @@ def test_every_toolchain_variable_of_the_pod_is_a_setting() -> None:
     env = pod_environment()
     assert sorted(k for k in env if k.startswith("TOOLCHAIN_")) == [
         "TOOLCHAIN_ADDRESS",
+        "TOOLCHAIN_ADMISSION_MAX_LOOP_BUSY",
         "TOOLCHAIN_AUTH__BEARER_ENV_VARS",
         "TOOLCHAIN_BACKENDS__LOCAL__N_THREADS",
         "TOOLCHAIN_CLUSTER__REDIS_URL",

@@ -3,6 +3,7 @@ the default and maximum deadline, which reach the backend's HTTP request."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -12,6 +13,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 
 from tests.conftest import Harness, collect, detail, kinds, rich_status, stage, start_harness, stop_harness
 from tests.fakes.openai_backend import FakeBackend, HangReply, JSONReply, SSEReply, completion, text_chunks
+from tests.fault_checks import wait_for
 
 
 async def failure(call: object) -> grpc.aio.AioRpcError:
@@ -44,6 +46,72 @@ async def test_a_stage_beyond_max_concurrent_stages_is_resource_exhausted(fake: 
         fake.script(JSONReply(completion(content="a slot again")))
         response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=5)
         assert response.text == "a slot again"
+    finally:
+        await stop_harness(h)
+
+
+class LoopBurner:
+    """Keeps the event loop's thread on the CPU: bursts of 20 ms of busy-waiting on the
+    thread's own CPU clock (so a shared machine stretches them, it cannot shorten them),
+    with a turn of the loop between them for everything else."""
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+
+    async def _burn(self) -> None:
+        while True:
+            until = time.thread_time() + 0.02
+            while time.thread_time() < until:
+                pass
+            await asyncio.sleep(0)
+
+    def __enter__(self) -> LoopBurner:
+        self._task = asyncio.get_running_loop().create_task(self._burn())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_adaptive_admission_refuses_new_stages_while_the_loop_is_at_its_limit(
+    fake: FakeBackend,
+) -> None:
+    h = await start_harness(fake, admission_max_loop_busy=0.3)
+    load = h.server.stages.load
+    try:
+        # With no stage running, a busy loop refuses nothing: the load is not the stages'.
+        with LoopBurner():
+            await wait_for(lambda: load.busy >= 0.3, "the loop is 30% busy", 30.0)
+            fake.script(JSONReply(completion(content="alone, admitted")))
+            response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=30)
+            assert response.text == "alone, admitted"
+
+        fake.script(SSEReply(text_chunks("keeps running"), stall_after=2))
+        running = h.stub.StreamTools(pb.StreamToolsRequest(stage=stage(stage_id="running")))
+        await running.read()
+        with LoopBurner():
+            await wait_for(lambda: load.busy >= 0.3, "the loop is 30% busy", 30.0)
+            requests_before = fake.request_count
+            err = await failure(h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=30))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "at its load limit" in (err.details() or "") and "limit 30%" in (err.details() or "")
+            status = rich_status(err)
+            assert detail(status, error_details_pb2.ErrorInfo).reason == "SERVER_OVERLOADED"
+            assert detail(status, error_details_pb2.RetryInfo).retry_delay.seconds == 1
+
+            events, code = await collect(h.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage())))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert kinds(events) == ["error"] and events[0].error.reason == "SERVER_OVERLOADED"
+            assert events[0].error.retryable
+            assert fake.request_count == requests_before  # refused before any backend work
+
+        await wait_for(lambda: load.busy < 0.3, "the loop is under 30% busy", 30.0)
+        fake.script(JSONReply(completion(content="admitted again")))
+        response = await h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=30)
+        assert response.text == "admitted again"
+        running.cancel()
+        await fake.wait_disconnect(5.0)
     finally:
         await stop_harness(h)
 

@@ -536,6 +536,13 @@ class Settings(BaseSettings):
     max_rounds: int = Field(8, ge=1, description="largest max_rounds a caller may ask for")
     max_prompt_chars: int = Field(200_000, ge=1, description="longest system or user prompt")
     max_concurrent_stages: int = Field(2000, ge=1, description="running stages; beyond: RESOURCE_EXHAUSTED")
+    admission_max_loop_busy: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="adaptive admission: while stages run and the event loop's thread is at least this "
+        "busy (a fraction of wall time, ~0.5 s average), new stages get RESOURCE_EXHAUSTED; 0: off",
+    )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request message")
     default_deadline_seconds: float = Field(
         300.0, gt=0, description="deadline of a stage whose caller set none"

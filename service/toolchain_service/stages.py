@@ -134,10 +134,37 @@ class StageHandle:
             self._deferred = None
 
 
+class LoopLoad:
+    """How busy the event loop's thread is: the share of wall-clock time it spent on the
+    CPU (`time.thread_time` deltas, sampled by a task on the loop every `interval` seconds),
+    smoothed exponentially over about `window` seconds. grpc's poller thread and other
+    threads are not counted: the loop is what takes in new calls, one per turn."""
+
+    def __init__(self, window: float = 0.5, interval: float = 0.05) -> None:
+        self.busy = 0.0
+        self._window = window
+        self._interval = interval
+
+    async def watch(self) -> None:
+        cpu, wall = time.thread_time(), time.monotonic()
+        while True:
+            await asyncio.sleep(self._interval)
+            now_cpu, now_wall = time.thread_time(), time.monotonic()
+            elapsed = now_wall - wall
+            if elapsed > 0:
+                sample = min(1.0, (now_cpu - cpu) / elapsed)
+                self.busy += min(1.0, elapsed / self._window) * (sample - self.busy)
+            cpu, wall = now_cpu, now_wall
+
+
 class StageManager:
-    def __init__(self, max_concurrent: int, resume_grace: float = 0.0) -> None:
+    def __init__(self, max_concurrent: int, resume_grace: float = 0.0, max_loop_busy: float = 0.0) -> None:
         self._running: dict[str, StageHandle] = {}
         self._max = max_concurrent
+        #: Adaptive admission: while stages run and the loop's thread is at least this busy
+        #: (`load.busy`, a fraction), new stages are refused; 0: off.
+        self.max_loop_busy = max_loop_busy
+        self.load = LoopLoad()
         #: Seconds a logged stage with no reader left waits for one (cluster mode).
         self.resume_grace = resume_grace
         #: Told the id of each shared stage that ends (the registry marks it ended).
@@ -157,6 +184,14 @@ class StageManager:
         if len(self._running) >= self._max:
             raise Overloaded(
                 f"the server is running its maximum of {self._max} stages; retry shortly", retry_after=1.0
+            )
+        if self.max_loop_busy and self._running and self.load.busy >= self.max_loop_busy:
+            # Taken in, this stage would slow every running one and the intake of new calls
+            # (grpc.aio takes one per loop turn): refused now, the caller retries elsewhere.
+            raise Overloaded(
+                f"the server is at its load limit (event loop {self.load.busy:.0%} busy, limit"
+                f" {self.max_loop_busy:.0%}, {len(self._running)} stages running); retry shortly",
+                retry_after=1.0,
             )
         if stage_id in self._running:
             raise StageAlreadyRunning(

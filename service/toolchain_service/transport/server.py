@@ -90,6 +90,7 @@ class RunningServer:
     mcp_servers: list[McpServer] = field(default_factory=list)
     _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _stall_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    _load_task: asyncio.Task[None] | None = field(default=None, repr=False)
     _refreshes: set[asyncio.Task[None]] = field(default_factory=set, repr=False)
 
     @property
@@ -135,6 +136,8 @@ class RunningServer:
         self._stall_task = asyncio.create_task(
             self.stages.watch_stalls(self.settings.stream_stall_seconds), name="toolchain-stalls"
         )
+        if self.stages.max_loop_busy:
+            self._load_task = asyncio.create_task(self.stages.load.watch(), name="toolchain-loop-load")
 
     async def _stop_watching(self) -> None:
         for listeners in self._state_listeners():
@@ -142,12 +145,12 @@ class RunningServer:
                 listeners.remove(self.schedule_health_refresh)
         for refresh in list(self._refreshes):
             refresh.cancel()
-        for task in (self._health_task, self._stall_task):
+        for task in (self._health_task, self._stall_task, self._load_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._health_task = self._stall_task = None
+        self._health_task = self._stall_task = self._load_task = None
 
     async def drain(self, grace: float | None = None) -> None:
         """Stop taking stages, let running ones finish within the grace period, cancel
@@ -286,7 +289,11 @@ async def _start(
         log_prompts=settings.log_prompts, default_backend=settings.default_backend
     )
     observer.metrics.watch_queues(backend_registry.all())
-    stages = StageManager(settings.max_concurrent_stages, settings.cluster.resume_grace_seconds)
+    stages = StageManager(
+        settings.max_concurrent_stages,
+        settings.cluster.resume_grace_seconds,
+        settings.admission_max_loop_busy,
+    )
     servicer = ToolchainServicer(StageRunner(backend_registry, tool_registry), stages, settings, observer)
 
     interceptors: list[grpc.aio.ServerInterceptor] = []  # type: ignore[type-arg]  # grpc-stubs' generic
