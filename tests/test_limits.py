@@ -22,6 +22,22 @@ async def failure(call: object) -> grpc.aio.AioRpcError:
     return caught.value
 
 
+async def assert_overloaded(h: Harness) -> str:
+    """A unary and a streamed stage are both refused, SERVER_OVERLOADED with RetryInfo 1 s
+    (the stream: one error event); the unary status's message."""
+    err = await failure(h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=30))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rich_status(err)
+    assert detail(status, error_details_pb2.ErrorInfo).reason == "SERVER_OVERLOADED"
+    assert detail(status, error_details_pb2.RetryInfo).retry_delay.seconds == 1
+
+    events, code = await collect(h.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage())))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert kinds(events) == ["error"] and events[0].error.reason == "SERVER_OVERLOADED"
+    assert events[0].error.retryable
+    return err.details() or ""
+
+
 async def test_a_stage_beyond_max_concurrent_stages_is_resource_exhausted(fake: FakeBackend) -> None:
     h = await start_harness(fake, max_concurrent_stages=1)
     try:
@@ -29,17 +45,8 @@ async def test_a_stage_beyond_max_concurrent_stages_is_resource_exhausted(fake: 
         running = h.stub.StreamTools(pb.StreamToolsRequest(stage=stage(stage_id="first")))
         await running.read()
 
-        err = await failure(h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=5))
-        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert err.details() == "the server is running its maximum of 1 stages; retry shortly"
-        status = rich_status(err)
-        assert detail(status, error_details_pb2.ErrorInfo).reason == "SERVER_OVERLOADED"
-        assert detail(status, error_details_pb2.RetryInfo).retry_delay.seconds == 1
-
-        events, code = await collect(h.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage())))
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert kinds(events) == ["error"] and events[0].error.reason == "SERVER_OVERLOADED"
-        assert events[0].error.retryable
+        details = await assert_overloaded(h)
+        assert details == "the server is running its maximum of 1 stages; retry shortly"
 
         running.cancel()
         await fake.wait_disconnect(5.0)
@@ -93,17 +100,8 @@ async def test_adaptive_admission_refuses_new_stages_while_the_loop_is_at_its_li
         with LoopBurner():
             await wait_for(lambda: load.busy >= 0.3, "the loop is 30% busy", 30.0)
             requests_before = fake.request_count
-            err = await failure(h.stub.RunTools(pb.RunToolsRequest(stage=stage()), timeout=30))
-            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "at its load limit" in (err.details() or "") and "limit 30%" in (err.details() or "")
-            status = rich_status(err)
-            assert detail(status, error_details_pb2.ErrorInfo).reason == "SERVER_OVERLOADED"
-            assert detail(status, error_details_pb2.RetryInfo).retry_delay.seconds == 1
-
-            events, code = await collect(h.stub.StreamSynthesis(pb.StreamSynthesisRequest(stage=stage())))
-            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert kinds(events) == ["error"] and events[0].error.reason == "SERVER_OVERLOADED"
-            assert events[0].error.retryable
+            details = await assert_overloaded(h)
+            assert "at its load limit" in details and "limit 30%" in details
             assert fake.request_count == requests_before  # refused before any backend work
 
         await wait_for(lambda: load.busy < 0.3, "the loop is under 30% busy", 30.0)
