@@ -437,9 +437,14 @@ async def _spread(
 
 
 async def rate_row(
-    plan: Plan, children: dict[str, Child], url: str, target: str, name: str = "rate", admit: int = 0
+    plan: Plan, children: dict[str, Child], url: str, target: str, overload: bool = False
 ) -> RateRow:
-    row = RateRow(name, plan.streams, rate=plan.rate, tokens=plan.tokens, admit=admit)
+    """Row A, or with `overload` row C (`plan.admit`, `plan.admit_busy`: its admission)."""
+    row = RateRow("rate", plan.streams, rate=plan.rate, tokens=plan.tokens)
+    if overload:
+        row.name, row.admit, row.admit_busy = "overload", plan.admit, plan.admit_busy
+    # With a count bound, more served than it admits is the bound not holding.
+    admit = row.admit if not row.admit_busy else 0
     deadline = plan.ramp + plan.tokens / plan.rate + 120.0
     request = _request()
     flight, errors = Flight(), Errors()
@@ -710,10 +715,7 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
         started.append(service)
         children = {"server": service, "backend": backend}
         if kind == "overload":
-            row = await rate_row(
-                plan, children, url, target, "overload", 0 if plan.admit_busy else plan.admit
-            )
-            row.admit, row.admit_busy = plan.admit, plan.admit_busy
+            row = await rate_row(plan, children, url, target, overload=True)
         elif kind == "rate":
             row = await rate_row(plan, children, url, target)
         else:
