@@ -22,6 +22,7 @@ from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
 from tests.conftest import Harness, collect, detail, rich_status, stage, start_harness, stop_harness
 from tests.fakes.openai_backend import FakeBackend, SSEReply, text_chunks
+from tests.test_metrics import sample, scrape
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -135,3 +136,93 @@ async def test_a_burst_goes_out_merged_by_default_and_one_chunk_per_delta_when_o
             assert len(chunks) < 300 / 4
     finally:
         await stop_harness(h)
+
+
+@pytest.mark.parametrize("cap", ["capped", "uncapped"])
+async def test_the_process_wide_cap_holds_other_streams_back_while_stalled_readers_hold_it(
+    fake: FakeBackend, cap: str
+) -> None:
+    """max_buffered_bytes: what a stalled reader's stage has read and not yet written counts
+    against one cap for all stages. At the cap (here 1 byte: any held chunk fills it) a
+    reading stream gets no more of its answer until the stalled stream is cut and gives its
+    share back; then it completes. Without the cap it completes at once."""
+    h = await start_harness(
+        fake,
+        stream_stall_seconds=5.0,
+        max_buffered_bytes=1 if cap == "capped" else 0,
+        metrics_address="127.0.0.1:0",
+        backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0},
+    )
+    words = " ".join(["word"] * 50)
+    fake.script(long_answer(delay=0.00001), SSEReply(text_chunks(words, pieces=10), delay=0.001))
+    assert h.server.metrics is not None
+    metrics = h.server.metrics.url
+    stalled_channel = grpc.aio.insecure_channel(h.server.address, options=SMALL_WINDOW)
+    ended: list[str] = []
+    try:
+        stalled = pb_grpc.ToolchainServiceStub(stalled_channel).StreamTools(
+            pb.StreamToolsRequest(stage=stage("a long story")), timeout=60
+        )
+        assert await stalled.read() is not grpc.aio.EOF  # type: ignore[attr-defined]
+        await frames_settle(fake)  # its stage now holds what it read and cannot write
+
+        async def stalled_cut() -> None:
+            await fake.wait_disconnect(30.0)  # the service closed the stalled stage's backend request
+            ended.append("stalled")
+
+        async def reader() -> tuple[list[pb.StageEvent], grpc.StatusCode]:
+            call = h.stub.StreamTools(pb.StreamToolsRequest(stage=stage("short")), timeout=60)
+            result = await collect(call)
+            ended.append("reader")
+            return result
+
+        held = sample(await scrape(metrics), "toolchain_buffered_bytes", {})
+        assert held is not None and held > 0  # what the stalled stage read and could not write
+
+        _, (events, code) = await asyncio.gather(stalled_cut(), reader())
+        stalled_events, stalled_code = await collect(stalled)
+        assert stalled_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert all(e.WhichOneof("event") == "chunk" for e in stalled_events)
+        assert code == grpc.StatusCode.OK
+        assert events[-1].done.text == words
+        assert "".join(e.chunk.content for e in events if e.WhichOneof("event") == "chunk") == words
+        # capped: the reader's answer waited for the stalled stage to give its share back
+        assert ended == (["stalled", "reader"] if cap == "capped" else ["reader", "stalled"])
+        held = sample(await scrape(metrics), "toolchain_buffered_bytes", {})
+        assert held == 0  # every stage gave back what it held
+    finally:
+        await stalled_channel.close(None)
+        await stop_harness(h)
+
+
+async def test_the_read_buffer_sets_how_much_a_stalled_stage_reads_before_its_backend_is_held(
+    fake: FakeBackend,
+) -> None:
+    """backends.<name>.read_buffer_bytes: the HTTP client stops reading the socket of a
+    stage whose caller does not read once about twice this is unread, so a small buffer
+    holds the backend back sooner than a large one."""
+    held: dict[int, int] = {}
+    for size in (4 << 10, 2 << 20):
+        h = await start_harness(
+            fake,
+            stream_stall_seconds=30.0,
+            backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0, "read_buffer_bytes": size},
+        )
+        channel = grpc.aio.insecure_channel(h.server.address, options=SMALL_WINDOW)
+        try:
+            fake.script(long_answer(delay=0.00001))
+            call = pb_grpc.ToolchainServiceStub(channel).StreamTools(
+                pb.StreamToolsRequest(stage=stage("a long story")), timeout=60
+            )
+            assert await call.read() is not grpc.aio.EOF  # type: ignore[attr-defined]
+            before = fake.frames_sent
+            held[size] = await frames_settle(fake) - before
+            call.cancel()
+            await fake.wait_disconnect(30.0)
+        finally:
+            await channel.close(None)
+            await stop_harness(h)
+    frame = len(TEXT) // PIECES  # text bytes per delta; a frame is a little more
+    assert held[4 << 10] < PIECES / 2
+    # the large buffer took in at least ~1.5 MiB more of the answer before the backend was held
+    assert held[2 << 20] - held[4 << 10] > (3 << 19) // (frame * 2), held

@@ -95,6 +95,13 @@ class BackendSettings(_Strict):
     max_retries: int = Field(2, ge=0, le=10, description="retries of transient failures before output")
     max_connections: int = Field(256, ge=1, description="HTTP connection pool size")
     max_response_bytes: int = Field(8 << 20, ge=1024, description="largest body or SSE event accepted")
+    read_buffer_bytes: int = Field(
+        64 << 10,
+        ge=1024,
+        le=16 << 20,
+        description="a stage's read buffer for its backend's response: while its caller does not read, "
+        "the HTTP client stops reading the socket once about twice this is unread",
+    )
     merge_deltas: bool = Field(
         True,
         description="stream the deltas that arrived together as one chunk (fewer, fuller events); "
@@ -542,6 +549,13 @@ class Settings(BaseSettings):
         le=1.0,
         description="adaptive admission: while stages run and the event loop's thread is at least this "
         "busy (a fraction of wall time, ~0.5 s average), new stages get RESOURCE_EXHAUSTED; 0: off",
+    )
+    max_buffered_bytes: int = Field(
+        256 << 20,
+        ge=0,
+        description="bytes all streamed stages together may hold between their backends and their "
+        "callers (read, not yet written); at the cap a stage reads no more of its backend until "
+        "others hand theirs on; 0: no cap",
     )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request message")
     default_deadline_seconds: float = Field(

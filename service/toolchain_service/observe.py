@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from toolchain_service import tracing
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.errors import BackendError, StageError
 from toolchain_service.events import (
     CancelReason,
@@ -75,6 +76,19 @@ class Metrics:
             ["backend", "kind"],
             registry=r,
         )
+
+    def watch_budget(self, budget: ByteBudget) -> None:
+        """Export what the streamed stages hold for their callers, against max_buffered_bytes."""
+        held = Gauge(
+            "toolchain_buffered_bytes",
+            "Bytes streamed stages have read from their backends and not yet written to their callers",
+            registry=self.registry,
+        )
+        held.set_function(lambda: budget.used)
+        limit = Gauge(
+            "toolchain_buffered_bytes_limit", "max_buffered_bytes (0: no cap)", registry=self.registry
+        )
+        limit.set(budget.limit)
 
     def watch_queues(self, backends: Iterable[object]) -> None:
         """Export the queue statistics of backends that keep them (the local model)."""

@@ -55,6 +55,7 @@ from toolchain_service.backends.base import (
     ModelDelta,
     RetryPolicy,
 )
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.backends.constrained import (
     EnvelopeDecoder,
     envelope_schema,
@@ -195,7 +196,7 @@ def adapt_history(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class LocalModelBackend(ChatBackend):
     """The embedded model behind a supervised llama-server child process."""
 
-    def __init__(self, name: str, settings: BackendSettings) -> None:
+    def __init__(self, name: str, settings: BackendSettings, budget: ByteBudget | None = None) -> None:
         path = Path(settings.model_path).expanduser() if settings.model_path else find_bundled_model()
         default_model = settings.default_model or (path.stem.lower() if path else "smollm2-135m-instruct")
         super().__init__(
@@ -210,6 +211,7 @@ class LocalModelBackend(ChatBackend):
             RetryPolicy(max_retries=settings.max_retries),
         )
         self._settings = settings
+        self._budget = budget
         self.model_path = path
         self.parallel = settings.parallel
         self.threads = settings.n_threads or cpu_count()
@@ -316,8 +318,10 @@ class LocalModelBackend(ChatBackend):
                 request_timeout=self._settings.request_timeout,
                 max_connections=max(8, self.parallel * 4),
                 max_response_bytes=self._settings.max_response_bytes,
+                read_buffer_bytes=self._settings.read_buffer_bytes,
             )
-            self._http, self._http_generation = OpenAIHTTPBackend(self.name, settings), generation
+            self._http = OpenAIHTTPBackend(self.name, settings, self._budget)
+            self._http_generation = generation
         return self._http, generation
 
     # -- queueing ----------------------------------------------------------------------------

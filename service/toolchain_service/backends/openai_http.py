@@ -43,6 +43,7 @@ from toolchain_service.backends.base import (
     ModelDelta,
     RetryPolicy,
 )
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.config import BackendSettings, ConfigError
 from toolchain_service.errors import (
     BackendError,
@@ -221,7 +222,7 @@ def _connection_problem(exc: BaseException) -> str:
 
 
 class OpenAIHTTPBackend(ChatBackend):
-    def __init__(self, name: str, settings: BackendSettings) -> None:
+    def __init__(self, name: str, settings: BackendSettings, budget: ByteBudget | None = None) -> None:
         streams = True if settings.streams_tool_calls is None else settings.streams_tool_calls
         super().__init__(
             BackendInfo(
@@ -249,6 +250,8 @@ class OpenAIHTTPBackend(ChatBackend):
         self._proxy_headers: dict[str, str] | None = None
         self._max_bytes = settings.max_response_bytes
         self._merge = settings.merge_deltas
+        #: The process's count of bytes held for callers, and its cap (budget.py).
+        self._budget = budget
         # Never echoed: a backend that repeats the key in an error message is redacted.
         self._secret = api_key if len(api_key) >= 8 else ""
 
@@ -267,6 +270,7 @@ class OpenAIHTTPBackend(ChatBackend):
                 connector=aiohttp.TCPConnector(limit=self._settings.max_connections, limit_per_host=0),
                 headers=self._headers,
                 proxy=proxy,
+                read_bufsize=self._settings.read_buffer_bytes,
             )
         return self._session
 
@@ -371,11 +375,14 @@ class OpenAIHTTPBackend(ChatBackend):
             started = time.monotonic()
             async with asyncio.timeout(total):  # a pool slot, the connection, the headers
                 http = await self._post(request, True)
+            account = self._budget.account() if self._budget is not None else None
             try:
                 finished = False
                 raw = http.content.iter_any()
                 timed = _within(raw, total - (time.monotonic() - started), self.name, total)
-                async for batch in wire.sse_batches(timed, self._max_bytes):
+                # held from its read until the next is asked for, i.e. until its events are written
+                chunks = timed if account is None else account.chunks(timed)
+                async for batch in wire.sse_batches(chunks, self._max_bytes):
                     done = batch[-1] is wire.DONE
                     deltas: list[ModelDelta] = []
                     failure: BackendError | None = None
@@ -401,6 +408,8 @@ class OpenAIHTTPBackend(ChatBackend):
                         " (no finish reason, no [DONE])"
                     )
             finally:
+                if account is not None:
+                    account.close()
                 _finish(http)
         except BackendError as exc:
             raise self._redacted(exc) from None

@@ -5,28 +5,36 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from toolchain_service.backends.base import ChatBackend
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.config import BackendSettings
 from toolchain_service.errors import NotFoundError
 
 
-def build_backend(name: str, settings: BackendSettings) -> ChatBackend:
+def build_backend(name: str, settings: BackendSettings, budget: ByteBudget | None = None) -> ChatBackend:
+    """A backend; `budget`: the process's cap on bytes its streams hold for their callers."""
     if settings.kind == "local":
         from toolchain_service.backends.local_model import LocalModelBackend  # noqa: PLC0415
 
-        return LocalModelBackend(name, settings)
+        return LocalModelBackend(name, settings, budget)
     from toolchain_service.backends.openai_http import OpenAIHTTPBackend  # noqa: PLC0415
 
-    return OpenAIHTTPBackend(name, settings)
+    return OpenAIHTTPBackend(name, settings, budget)
 
 
 class BackendRegistry:
-    def __init__(self, backends: Mapping[str, ChatBackend], default: str) -> None:
+    def __init__(
+        self, backends: Mapping[str, ChatBackend], default: str, budget: ByteBudget | None = None
+    ) -> None:
         self._backends = dict(backends)
         self.default = default
+        #: The cap the backends' streams share (max_buffered_bytes), when they were built with one.
+        self.budget = budget
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, BackendSettings], default: str) -> BackendRegistry:
-        return cls({name: build_backend(name, s) for name, s in settings.items()}, default)
+    def from_settings(
+        cls, settings: Mapping[str, BackendSettings], default: str, budget: ByteBudget | None = None
+    ) -> BackendRegistry:
+        return cls({name: build_backend(name, s, budget) for name, s in settings.items()}, default, budget)
 
     def names(self) -> tuple[str, ...]:
         return tuple(sorted(self._backends))

@@ -40,6 +40,7 @@ from toolchain_proto.v1 import toolchain_pb2 as pb
 from toolchain_proto.v1 import toolchain_pb2_grpc as pb_grpc
 
 from toolchain_service import tracing
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.backends.registry import BackendRegistry
 from toolchain_service.config import ConfigError, Settings
 from toolchain_service.events import CancelReason
@@ -247,7 +248,9 @@ async def start_server(
     `tools`: the local tools, instead of the built-ins and plugins (the MCP servers'
     tools are added either way). `tracer_provider`: where the spans go when
     `settings.tracing` is on (default: the global OpenTelemetry provider)."""
-    backend_registry = backends or BackendRegistry.from_settings(settings.backends, settings.default_backend)
+    backend_registry = backends or BackendRegistry.from_settings(
+        settings.backends, settings.default_backend, ByteBudget(settings.max_buffered_bytes)
+    )
     local = (
         [*builtin_tools(settings.tools), *load_plugins(settings.tools.plugins)] if tools is None else tools
     )
@@ -289,6 +292,8 @@ async def _start(
         log_prompts=settings.log_prompts, default_backend=settings.default_backend
     )
     observer.metrics.watch_queues(backend_registry.all())
+    if backend_registry.budget is not None:
+        observer.metrics.watch_budget(backend_registry.budget)
     stages = StageManager(
         settings.max_concurrent_stages,
         settings.cluster.resume_grace_seconds,
