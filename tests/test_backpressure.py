@@ -139,24 +139,26 @@ async def test_a_burst_goes_out_merged_by_default_and_one_chunk_per_delta_when_o
 
 
 @pytest.mark.parametrize("cap", ["capped", "uncapped"])
-async def test_the_process_wide_cap_holds_other_streams_back_while_stalled_readers_hold_it(
+async def test_at_the_buffer_cap_stalled_readers_are_cut_early_and_reading_streams_go_on(
     fake: FakeBackend, cap: str
 ) -> None:
     """max_buffered_bytes: what a stalled reader's stage has read and not yet written counts
     against one cap for all stages. At the cap (here 1 byte: any held chunk fills it) a
-    reading stream gets no more of its answer until the stalled stream is cut and gives its
-    share back; then it completes. Without the cap it completes at once."""
+    reading stream gets no more of its answer, and a stream whose reader has left an event
+    unread for a second counts as stalled (stream_stall_seconds is 60 s here): it is cut,
+    gives its share back, and the reading stream completes. Without the cap the reading
+    stream completes at once and the stalled one goes on."""
     h = await start_harness(
         fake,
-        stream_stall_seconds=5.0,
+        stream_stall_seconds=60.0,
         max_buffered_bytes=1 if cap == "capped" else 0,
         metrics_address="127.0.0.1:0",
         backend={"max_response_bytes": 64 << 20, "read_timeout": 60.0},
     )
-    words = " ".join(["word"] * 50)
-    fake.script(long_answer(delay=0.00001), SSEReply(text_chunks(words, pieces=10), delay=0.001))
     assert h.server.metrics is not None
     metrics = h.server.metrics.url
+    words = " ".join(["word"] * 50)
+    fake.script(long_answer(delay=0.00001), SSEReply(text_chunks(words, pieces=10), delay=0.001))
     stalled_channel = grpc.aio.insecure_channel(h.server.address, options=SMALL_WINDOW)
     ended: list[str] = []
     try:
@@ -165,6 +167,8 @@ async def test_the_process_wide_cap_holds_other_streams_back_while_stalled_reade
         )
         assert await stalled.read() is not grpc.aio.EOF  # type: ignore[attr-defined]
         await frames_settle(fake)  # its stage now holds what it read and cannot write
+        held = sample(await scrape(metrics), "toolchain_buffered_bytes", {})
+        assert held is not None and held > 0  # what the stalled stage read and could not write
 
         async def stalled_cut() -> None:
             await fake.wait_disconnect(30.0)  # the service closed the stalled stage's backend request
@@ -176,18 +180,24 @@ async def test_the_process_wide_cap_holds_other_streams_back_while_stalled_reade
             ended.append("reader")
             return result
 
-        held = sample(await scrape(metrics), "toolchain_buffered_bytes", {})
-        assert held is not None and held > 0  # what the stalled stage read and could not write
-
-        _, (events, code) = await asyncio.gather(stalled_cut(), reader())
-        stalled_events, stalled_code = await collect(stalled)
-        assert stalled_code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert all(e.WhichOneof("event") == "chunk" for e in stalled_events)
+        if cap == "capped":
+            _, (events, code) = await asyncio.gather(stalled_cut(), reader())
+            assert ended == ["stalled", "reader"]  # the reader's answer waited for the cut
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                while (response := await stalled.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                    assert isinstance(response, pb.StreamToolsResponse)
+                    assert response.event.WhichOneof("event") == "chunk"  # no terminal event can pass
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert detail(rich_status(caught.value), error_details_pb2.ErrorInfo).reason == "READER_STALLED"
+            assert "max_buffered_bytes" in (caught.value.details() or "")
+        else:
+            events, code = await reader()
+            assert not stalled.done() and fake.disconnects == 0  # the stalled stream goes on
+            stalled.cancel()
+            await fake.wait_disconnect(30.0)
         assert code == grpc.StatusCode.OK
         assert events[-1].done.text == words
         assert "".join(e.chunk.content for e in events if e.WhichOneof("event") == "chunk") == words
-        # capped: the reader's answer waited for the stalled stage to give its share back
-        assert ended == (["stalled", "reader"] if cap == "capped" else ["reader", "stalled"])
         held = sample(await scrape(metrics), "toolchain_buffered_bytes", {})
         assert held == 0  # every stage gave back what it held
     finally:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from toolchain_service.backends.budget import ByteBudget
 from toolchain_service.errors import (
     NotFoundError,
     NotOwned,
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 #: hold one back for ever: then the cancellation lands in the write, and the stream ends
 #: with its status alone).
 WRITE_GRACE = 1.0
+#: While the stages' buffered bytes are at max_buffered_bytes, a stream whose event has
+#: waited this long for its reader counts as stalled (instead of stream_stall_seconds), so
+#: stalled readers give their bytes back before reading streams wait long for room.
+PRESSURE_STALL = 1.0
 
 
 class StageHandle:
@@ -46,6 +51,7 @@ class StageHandle:
         "_deferred",
         "_grace_timer",
         "active",
+        "pressed",
         "principal",
         "readers",
         "reason",
@@ -65,6 +71,8 @@ class StageHandle:
         self.active = True
         #: Since when the door has been handing an event to grpc (0.0: it is not).
         self.writing = 0.0
+        #: Its reader counted as stalled sooner because the buffered bytes were at their cap.
+        self.pressed = False
         #: A logged stream's hand-over to its live reader, whose writes are watched instead.
         self.relay: Relay[Any] | None = None
         #: Streams reading a logged stage live: its own, and resumed ones (cluster mode).
@@ -158,7 +166,13 @@ class LoopLoad:
 
 
 class StageManager:
-    def __init__(self, max_concurrent: int, resume_grace: float = 0.0, max_loop_busy: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        resume_grace: float = 0.0,
+        max_loop_busy: float = 0.0,
+        budget: ByteBudget | None = None,
+    ) -> None:
         self._running: dict[str, StageHandle] = {}
         self._max = max_concurrent
         #: Adaptive admission: while stages run and the loop's thread is at least this busy
@@ -167,6 +181,8 @@ class StageManager:
         self.load = LoopLoad()
         #: Seconds a logged stage with no reader left waits for one (cluster mode).
         self.resume_grace = resume_grace
+        #: The bytes the stages hold for their callers, against max_buffered_bytes (or None).
+        self.budget = budget
         #: Told the id of each shared stage that ends (the registry marks it ended).
         self.on_close: Callable[[str], None] | None = None
         self._idle = asyncio.Event()
@@ -248,21 +264,30 @@ class StageManager:
     async def watch_stalls(self, limit: float) -> None:
         """Stop the streams whose reader has not taken an event for `limit` seconds: the
         stage is cancelled (READER_STALLED, landing in the stuck write), or, for a logged
-        stream, its reader is detached and the stage goes on for ResumeStage."""
+        stream, its reader is detached and the stage goes on for ResumeStage. While the
+        buffered bytes are at their cap, PRESSURE_STALL seconds count as stalled."""
+        interval = min(1.0, limit / 4)
+        pressured = min(limit, PRESSURE_STALL)
         while True:
-            await asyncio.sleep(min(1.0, limit / 4))
-            self._stop_stalled(time.monotonic() - limit)
+            await asyncio.sleep(min(interval, pressured / 4) if self._pressed() else interval)
+            pressed = self._pressed()
+            self._stop_stalled(time.monotonic() - (pressured if pressed else limit), pressed)
 
-    def _stop_stalled(self, stuck: float) -> None:
+    def _pressed(self) -> bool:
+        budget = self.budget
+        return budget is not None and budget.full()
+
+    def _stop_stalled(self, stuck: float, pressed: bool = False) -> None:
         # A function of its own, so that no handle stays referenced by the watcher's frame
         # while it sleeps (an ended stage must be freed when it ends).
         for handle in list(self._running.values()):
             relay = handle.relay
             if relay is not None:
                 if 0 < relay.writing < stuck:
+                    handle.pressed = pressed
                     relay.stall()
-            elif 0 < handle.writing < stuck:
-                handle.cancel(CancelReason.READER_STALLED)
+            elif 0 < handle.writing < stuck and handle.cancel(CancelReason.READER_STALLED):
+                handle.pressed = pressed
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))

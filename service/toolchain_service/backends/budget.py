@@ -8,6 +8,9 @@ it reads again or `stream_stall_seconds` ends its stream. `ByteBudget` sums thos
 over every stage of the process. While the sum is at `max_buffered_bytes`, a stage that
 wants its next chunk waits before reading it: it reads no more from its backend (which
 then sees TCP backpressure) until other stages hand theirs on, or its deadline ends it.
+Meanwhile streams whose reader has left an event unread for a second count as stalled
+(`stages.PRESSURE_STALL`, instead of `stream_stall_seconds`): they end, READER_STALLED,
+and give their bytes back, so a crowd of stalled readers cannot hold up the ones that read.
 
 Waiting for room counts against no backend timeout (the time is not the backend's). A
 stage that ends, however it ends, gives back what it held (`Account.close`, called by the
@@ -28,6 +31,10 @@ class ByteBudget:
         self.used = 0
         #: Set while `used` is under the limit (made in the running loop on first need).
         self._room: asyncio.Event | None = None
+
+    def full(self) -> bool:
+        """At the cap: stages that want more wait."""
+        return bool(self.limit) and self.used >= self.limit
 
     def account(self) -> Account:
         return Account(self)
@@ -64,7 +71,7 @@ class Account:
         budget = self._budget
         while True:
             self.close()
-            if budget.limit and budget.used >= budget.limit:
+            if budget.full():
                 await budget.wait_for_room()
             try:
                 chunk = await anext(raw)

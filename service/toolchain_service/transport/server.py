@@ -298,6 +298,7 @@ async def _start(
         settings.max_concurrent_stages,
         settings.cluster.resume_grace_seconds,
         settings.admission_max_loop_busy,
+        backend_registry.budget,
     )
     servicer = ToolchainServicer(StageRunner(backend_registry, tool_registry), stages, settings, observer)
 

@@ -35,7 +35,7 @@ from toolchain_service.events import CancelEvent, CancelReason, DoneEvent, Error
 from toolchain_service.observe import StageObserver, StageRecord
 from toolchain_service.relay import Relay
 from toolchain_service.runner import StageRunner
-from toolchain_service.stages import WRITE_GRACE, StageHandle, StageManager, not_running
+from toolchain_service.stages import PRESSURE_STALL, WRITE_GRACE, StageHandle, StageManager, not_running
 from toolchain_service.transport import convert
 from toolchain_service.transport.auth import principal
 from toolchain_service.transport.decoding import Undecodable, accepts_undecodable
@@ -356,7 +356,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
             finally:
                 self.stages.close(handle)
             if reason == CancelReason.READER_STALLED:
-                await self._abort(context, self._stalled())
+                await self._abort(context, self._stalled(handle))
             await context.abort(code, details)
         finally:
             self.stages.close(handle)
@@ -364,7 +364,13 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
         if isinstance(terminal, ErrorEvent):
             await self._abort(context, terminal.error)
 
-    def _stalled(self) -> ReaderStalled:
+    def _stalled(self, handle: StageHandle) -> ReaderStalled:
+        if handle.pressed:
+            return ReaderStalled(
+                f"the stream's reader did not read for {PRESSURE_STALL:g}s while the server's stream "
+                "buffers were full (max_buffered_bytes), so the server stopped the stream to free them; "
+                "read events as they come"
+            )
         return ReaderStalled(
             f"the stream's reader did not read for {self.settings.stream_stall_seconds:g}s "
             "(stream_stall_seconds), so the server stopped the stream; read events as they come"
@@ -412,7 +418,7 @@ class ToolchainServicer(pb_grpc.ToolchainServiceServicer):
                     raise
                 # the reader stopped reading: it goes, the stage goes on (resumable)
                 _take_back_cancellation()
-                await self._abort(context, self._stalled())
+                await self._abort(context, self._stalled(handle))
         except EOFError:
             await self._abort(context, StageError("the stage ended without a terminal event; this is a bug"))
         finally:
