@@ -82,6 +82,13 @@ class _PhaseOutput:
     def text(self) -> str:
         return "".join(self.content)
 
+    def take_text(self) -> str:
+        """The text, its pieces let go: a long answer's Done is then not held twice while
+        it waits for its reader (pieces and joined text)."""
+        text = self.text()
+        self.content = [text] if text else []
+        return text
+
     def reset(self) -> None:
         """Forget a failed attempt that sent nothing to the caller, before a retry."""
         self.content.clear()
@@ -275,7 +282,7 @@ class StageRunner:
                             yield event
 
                     calls = out.assembler.calls()
-                    text = out.text()
+                    text = out.take_text()
                     if not calls and not constrained and offered:
                         # calls written in the content, read by the backend's tool parser;
                         # the text keeps what is not call markup
@@ -331,7 +338,7 @@ class StageRunner:
                 synthesis_stats.duration = time.monotonic() - started
                 if span.is_recording():
                     _record_phase(span, synthesis_stats, 0)
-            yield DoneEvent(tool_stats, synthesis_stats, out.text(), tuple(rounds), exhausted)
+            yield DoneEvent(tool_stats, synthesis_stats, out.take_text(), tuple(rounds), exhausted)
         except StageError as exc:
             if exc.phase == Phase.UNSPECIFIED:
                 exc.phase = phase
