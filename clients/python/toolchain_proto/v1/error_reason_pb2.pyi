@@ -117,7 +117,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     READER_STALLED: _ErrorReason.ValueType  # 23
     """RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
-    stream_stall_seconds while an event waited, so the server stopped the
+    stream_stall_seconds while an event waited (or for 1 s while the server's
+    stream buffers were at `max_buffered_bytes`), so the server stopped the
     stream (only this status reaches the caller). Read the stream as it comes;
     with a shared registry the stage goes on and ResumeStage picks it up.
     """
@@ -231,7 +232,8 @@ did not answer. Retry after the RetryInfo delay.
 """
 READER_STALLED: ErrorReason.ValueType  # 23
 """RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
-stream_stall_seconds while an event waited, so the server stopped the
+stream_stall_seconds while an event waited (or for 1 s while the server's
+stream buffers were at `max_buffered_bytes`), so the server stopped the
 stream (only this status reaches the caller). Read the stream as it comes;
 with a shared registry the stage goes on and ResumeStage picks it up.
 """

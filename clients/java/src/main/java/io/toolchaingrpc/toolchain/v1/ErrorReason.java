@@ -240,7 +240,8 @@ public enum ErrorReason
   /**
    * <pre>
    * RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
-   * stream_stall_seconds while an event waited, so the server stopped the
+   * stream_stall_seconds while an event waited (or for 1 s while the server's
+   * stream buffers were at `max_buffered_bytes`), so the server stopped the
    * stream (only this status reaches the caller). Read the stream as it comes;
    * with a shared registry the stage goes on and ResumeStage picks it up.
    * </pre>
@@ -475,7 +476,8 @@ public enum ErrorReason
   /**
    * <pre>
    * RESOURCE_EXHAUSTED: the stream's reader did not read for the server's
-   * stream_stall_seconds while an event waited, so the server stopped the
+   * stream_stall_seconds while an event waited (or for 1 s while the server's
+   * stream buffers were at `max_buffered_bytes`), so the server stopped the
    * stream (only this status reaches the caller). Read the stream as it comes;
    * with a shared registry the stage goes on and ResumeStage picks it up.
    * </pre>
