@@ -28,6 +28,10 @@ first event and stops reading; once every stream has its first event, the client
 `/bench/streams`) and the service's RSS, then every stream reads to the end (the whole
 answer is checked by length and CRC-32, and so is Done's text): whether backpressure
 reaches the backend, and whether the service's memory stays bounded while nobody reads.
+As the stall begins, `--pace-streams` streams that read (row A's stamped answers, on a
+second backend process of their own, `pace`, through a channel with grpc's defaults) run
+beside the stalled ones: whether the others keep their pace (their token-to-event gap and
+how far behind their backend they end; a failed one fails the row).
 
 Row C, `overload`: row A's streams, twice `--admit` of them, against a service whose
 admission (`max_concurrent_stages`) is `--admit`: every call must be either served or refused
@@ -91,6 +95,9 @@ class Plan:
     #: Row C: the service's admission_max_loop_busy (adaptive admission); 0: off, and the
     #: count bound `admit` admits.
     admit_busy: float = 0.0
+    #: Row B: streams that read, at `rate` tokens/s on a backend of their own, opened as the
+    #: stall begins: whether the others keep their pace while the stalled readers hold on.
+    pace_streams: int = 50
 
 
 @dataclass
@@ -174,6 +181,12 @@ class StallRow(Common):
     kernel_kib: dict[str, float] = field(default_factory=dict)
     #: This client's RSS growth from the row's start to the stall's end (grpc's buffers).
     client_rss_growth_mb: float = 0.0
+    #: The reading streams of the stall (Plan.pace_streams): how many ended well, their
+    #: token-to-event gap and how far behind their backend they ended (ms), their errors.
+    pace_ok: int = 0
+    pace_gap_ms: Summary = field(default_factory=Summary)
+    pace_end_ms: Summary = field(default_factory=Summary)
+    pace_errors: dict[str, int] = field(default_factory=dict)
 
 
 # -- processes --------------------------------------------------------------------------
@@ -190,15 +203,16 @@ def start_backend(log_dir: Path, name: str, args: list[str]) -> tuple[Child, str
 
 
 def start_service(
-    log_dir: Path, url: str, max_connections: int, env: dict[str, str] | None = None
+    log_dir: Path,
+    url: str,
+    max_connections: int,
+    env: dict[str, str] | None = None,
+    pace_url: str | None = None,
 ) -> tuple[Child, str]:
-    child = Child(
-        "service",
-        "bench.service_proc",
-        ["--backend-url", url, "--max-connections", str(max_connections)],
-        log_dir,
-        env,
-    )
+    args = ["--backend-url", url, "--max-connections", str(max_connections)]
+    if pace_url is not None:
+        args += ["--pace-url", pace_url]
+    child = Child("service", "bench.service_proc", args, log_dir, env)
     try:
         port = child.expect("READY", 120)
     except ChildFailed:
@@ -550,6 +564,39 @@ async def rate_row(
     return row
 
 
+async def pace_stream(
+    stub: pb_grpc.ToolchainServiceAsyncStub,
+    tokens: int,
+    timeout: float,
+    gaps: list[float],
+    ends: list[float],
+    errors: Errors,
+) -> None:
+    """One stream that reads, on the `pace` backend (stamped tokens): its token-to-event
+    gaps and how far behind its backend it ended, or its error."""
+    request = _request()
+    request.stage.backend = "pace"
+    started = time.monotonic_ns()
+    stage = StageEvents()
+    mine: list[int] = []
+    last_stamp = 0
+    try:
+        async for response in stub.StreamSynthesis(request, timeout=timeout):
+            now = time.monotonic_ns()
+            if stage.take(response.event) == "chunk" and response.event.chunk.phase == pb.PHASE_SYNTHESIS:
+                for token in response.event.chunk.content.split():
+                    last_stamp = int(token)
+                    mine.append(now - last_stamp)
+        done_at = time.monotonic_ns()
+        stage.finish()
+        _require(len(mine) == tokens, f"{len(mine)} tokens, not {tokens}")
+    except Exception as exc:
+        errors.add(exc, started)
+    else:
+        gaps.extend(g / 1e9 for g in mine)
+        ends.append((done_at - last_stamp) / 1e9)
+
+
 async def stall_row(plan: Plan, children: dict[str, Child], url: str, target: str) -> StallRow:
     pieces = bulk_text(plan.bulk_bytes, plan.bulk_piece)
     answer = "".join(pieces)
@@ -621,7 +668,28 @@ async def stall_row(plan: Plan, children: dict[str, Child], url: str, target: st
     await asyncio.wait([waiter, done_early], timeout=plan.ramp + 120.0, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
     row.stall_s = plan.stall
+    # The stall begins: streams that read, on a backend of their own, through a channel
+    # with grpc's defaults, while the stalled ones hold on.
+    pace_channel: grpc.aio.Channel | None = None
+    pace_gaps: list[float] = []
+    pace_ends: list[float] = []
+    pace_errors = Errors()
+    pace: asyncio.Future[Any] | None = None
+    if "pace" in children and plan.pace_streams:
+        pace_channel = grpc.aio.insecure_channel(target)
+        pace_stub = pb_grpc.ToolchainServiceStub(pace_channel)
+        pace = asyncio.gather(
+            *(
+                pace_stream(pace_stub, plan.tokens, deadline, pace_gaps, pace_ends, pace_errors)
+                for _ in range(plan.pace_streams)
+            )
+        )
     await asyncio.sleep(plan.stall)
+    if pace is not None and pace_channel is not None:
+        await pace
+        await pace_channel.close(None)
+        row.pace_ok, row.pace_errors = len(pace_ends), pace_errors.kinds
+        row.pace_gap_ms, row.pace_end_ms = Summary.of(pace_gaps), Summary.of(pace_ends)
     server = children["server"]
     row.rss_at_stall_mb = server.status_kb("VmRSS") / 1024.0
     row.rss_peak_at_stall_mb = server.status_kb("VmHWM") / 1024.0
@@ -665,6 +733,8 @@ async def stall_row(plan: Plan, children: dict[str, Child], url: str, target: st
         )
     if len(streams) != plan.streams:
         problems.append(f"the backend saw {len(streams)} answers by the stall's end, not {plan.streams}")
+    if pace_errors.count:
+        problems.append(f"{pace_errors.count} of the reading streams failed; first: {pace_errors.first}")
     if problems:
         row.status, row.error = "FAILED", "; ".join(problems)
     return row
@@ -711,9 +781,15 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
     try:
         backend, url = start_backend(log_dir, f"backend-{kind}", args)
         started.append(backend)
-        service, target = start_service(log_dir, url, plan.max_connections, env)
+        children = {"backend": backend}
+        pace_url = None
+        if kind == "stall" and plan.pace_streams:
+            stamped = ["--scenario", "stamped", "--rate", f"{plan.rate:g}", "--tokens", str(plan.tokens)]
+            children["pace"], pace_url = start_backend(log_dir, "backend-pace", stamped)
+            started.append(children["pace"])
+        service, target = start_service(log_dir, url, plan.max_connections, env, pace_url)
         started.append(service)
-        children = {"server": service, "backend": backend}
+        children = {"server": service, **children}
         if kind == "overload":
             row = await rate_row(plan, children, url, target, overload=True)
         elif kind == "rate":
@@ -926,6 +1002,16 @@ def report_text(plan: Plan, rows: Sequence[Common], seconds: float) -> str:
                 f" (mean {sent.get('mean', 0):.0f}) of each; service RSS then {r.rss_at_stall_mb:.0f} MB"
                 f" (peak so far {r.rss_peak_at_stall_mb:.0f}), peak over the row {r.rss_peak_mb:.0f} MB"
             )
+        if isinstance(r, StallRow) and (r.pace_ok or r.pace_errors):
+            notes.append(
+                f"stall: {plan.pace_streams} streams that read ({plan.tokens} tokens at {plan.rate:g}/s on a"
+                f" backend of their own), opened as the stall began: {r.pace_ok} ended well; token to event"
+                f" p50 {r.pace_gap_ms.p50:.1f} ms, p99 {r.pace_gap_ms.p99:.1f} ms,"
+                f" max {r.pace_gap_ms.max:.1f};"
+                f" ended behind their backend p50 {r.pace_end_ms.p50:.1f} ms, p99 {r.pace_end_ms.p99:.1f} ms"
+            )
+            for kind, count in r.pace_errors.items():
+                notes.append(f"stall: reading streams: {count} x {kind}")
     for r in rows:
         if r.cpu_peak_pct:
             busiest = ", ".join(f"{name} {pct:.0f}%" for name, pct in r.cpu_peak_pct.items())
@@ -981,6 +1067,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--row", action="append", choices=("rate", "stall", "overload"), help="only these rows"
     )
+    parser.add_argument(
+        "--pace-streams",
+        type=int,
+        default=None,
+        help="row B: streams that read at --rate on a backend of their own during the stall (50; 0: none)",
+    )
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     parser.add_argument("--logs", default="", help="directory for the children's logs (default: a temp dir)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -1006,6 +1098,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         client_window=args.client_window,
         admit=args.admit if args.admit is not None else (25 if args.smoke else 100),
         admit_busy=args.admit_busy,
+        pace_streams=args.pace_streams if args.pace_streams is not None else (5 if args.smoke else 50),
     )
 
 

@@ -85,15 +85,21 @@ def expected(rpc: str, chunks: int) -> Expected:
     )
 
 
-def service_settings(base_url: str, max_connections: int | None = None) -> Settings:
-    """Production defaults, pointed at the fake backend (as tests/conftest.make_settings)."""
+def service_settings(
+    base_url: str, max_connections: int | None = None, pace_url: str | None = None
+) -> Settings:
+    """Production defaults, pointed at the fake backend (as tests/conftest.make_settings);
+    with `pace_url`, a second backend `pace` there (bench.realrate row B's reading streams)."""
     backend: dict[str, Any] = {"base_url": base_url, "default_model": MODEL}
     if max_connections is not None:
         backend["max_connections"] = max_connections
+    backends = {"fake": BackendSettings(**backend)}
+    if pace_url is not None:
+        backends["pace"] = BackendSettings(**{**backend, "base_url": pace_url})
     return Settings(
         address="127.0.0.1:0",
         default_backend="fake",
-        backends={"fake": BackendSettings(**backend)},
+        backends=backends,
         tools=ToolSettings(weather_url=f"{base_url}/weather-unused"),
         shutdown_grace=1.0,
     )

@@ -21,7 +21,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from toolchain_service.transport.server import start_server
 
     configure_logging(args.log_format, args.log_level)
-    settings = scenario.service_settings(args.backend_url, args.max_connections)
+    settings = scenario.service_settings(args.backend_url, args.max_connections, args.pace_url)
     running = await start_server(settings)
     common.announce(f"READY {running.port}")
     await common.wait_for_stop()
@@ -32,6 +32,7 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.service_proc", description=__doc__.splitlines()[0])
     parser.add_argument("--backend-url", required=True, help="e.g. http://127.0.0.1:PORT/v1")
+    parser.add_argument("--pace-url", default=None, help="a second backend, named pace (bench.realrate)")
     parser.add_argument("--max-connections", type=int, default=None, help="backend pool; default: settings'")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
