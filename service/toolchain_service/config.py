@@ -555,7 +555,8 @@ class Settings(BaseSettings):
         ge=0,
         description="bytes all streamed stages together may hold between their backends and their "
         "callers (read, not yet written); at the cap a stage reads no more of its backend until "
-        "others hand theirs on, and a reader that leaves an event unread for 1 s counts as stalled; "
+        "others hand theirs on, and while stages wait a reader that leaves an event unread for 1 s "
+        "counts as stalled; "
         "0: no cap",
     )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request message")

@@ -39,9 +39,10 @@ if TYPE_CHECKING:
 #: hold one back for ever: then the cancellation lands in the write, and the stream ends
 #: with its status alone).
 WRITE_GRACE = 1.0
-#: While the stages' buffered bytes are at max_buffered_bytes, a stream whose event has
-#: waited this long for its reader counts as stalled (instead of stream_stall_seconds), so
-#: stalled readers give their bytes back before reading streams wait long for room.
+#: While the stages' buffered bytes are at max_buffered_bytes and stages wait for room, a
+#: stream whose event has waited this long for its reader counts as stalled (instead of
+#: stream_stall_seconds), so stalled readers give their bytes back before reading streams
+#: wait long for room.
 PRESSURE_STALL = 1.0
 
 
@@ -104,12 +105,14 @@ class StageHandle:
             self._grace_timer = loop.call_later(grace, self.cancel, CancelReason.DISCONNECTED)
         return True
 
-    def cancel(self, reason: CancelReason) -> bool:
-        """Cancel the stage once; False when it already ended or was cancelled."""
+    def cancel(self, reason: CancelReason, *, wait_for_write: bool = True) -> bool:
+        """Cancel the stage once; False when it already ended or was cancelled. A write in
+        progress is waited for (up to WRITE_GRACE) unless `wait_for_write` is false (a
+        stalled reader's write, which no grace will finish)."""
         if not self.active or self.reason != CancelReason.UNSPECIFIED:
             return False
         self.reason = reason
-        if self.writing:
+        if self.writing and wait_for_write:
             loop = asyncio.get_running_loop()
             self._deferred = loop.call_later(WRITE_GRACE, self.task.cancel)
         else:
@@ -275,7 +278,7 @@ class StageManager:
 
     def _pressed(self) -> bool:
         budget = self.budget
-        return budget is not None and budget.full()
+        return budget is not None and budget.pressed()
 
     def _stop_stalled(self, stuck: float, pressed: bool = False) -> None:
         # A function of its own, so that no handle stays referenced by the watcher's frame
@@ -286,8 +289,14 @@ class StageManager:
                 if 0 < relay.writing < stuck:
                     handle.pressed = pressed
                     relay.stall()
-            elif 0 < handle.writing < stuck and handle.cancel(CancelReason.READER_STALLED):
+            elif 0 < handle.writing < stuck and self._cut(handle):
                 handle.pressed = pressed
+
+    @staticmethod
+    def _cut(handle: StageHandle) -> bool:
+        """READER_STALLED at once: the write is stuck behind a reader that does not read,
+        and no grace will finish it."""
+        return handle.cancel(CancelReason.READER_STALLED, wait_for_write=False)
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))

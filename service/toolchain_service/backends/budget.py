@@ -8,9 +8,10 @@ it reads again or `stream_stall_seconds` ends its stream. `ByteBudget` sums thos
 over every stage of the process. While the sum is at `max_buffered_bytes`, a stage that
 wants its next chunk waits before reading it: it reads no more from its backend (which
 then sees TCP backpressure) until other stages hand theirs on, or its deadline ends it.
-Meanwhile streams whose reader has left an event unread for a second count as stalled
-(`stages.PRESSURE_STALL`, instead of `stream_stall_seconds`): they end, READER_STALLED,
-and give their bytes back, so a crowd of stalled readers cannot hold up the ones that read.
+While stages wait for room, streams whose reader has left an event unread for a second
+count as stalled (`stages.PRESSURE_STALL`, instead of `stream_stall_seconds`): they end,
+READER_STALLED, at once, and give their bytes back, so a crowd of stalled readers cannot
+hold up the ones that read.
 
 Waiting for room counts against no backend timeout (the time is not the backend's). A
 stage that ends, however it ends, gives back what it held (`Account.close`, called by the
@@ -29,12 +30,18 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        #: Stages waiting for room now.
+        self.waiting = 0
         #: Set while `used` is under the limit (made in the running loop on first need).
         self._room: asyncio.Event | None = None
 
     def full(self) -> bool:
         """At the cap: stages that want more wait."""
         return bool(self.limit) and self.used >= self.limit
+
+    def pressed(self) -> bool:
+        """At the cap, with stages waiting for room."""
+        return self.waiting > 0 and self.full()
 
     def account(self) -> Account:
         return Account(self)
@@ -50,10 +57,14 @@ class ByteBudget:
             self._room.set()
 
     async def wait_for_room(self) -> None:
-        while self.used >= self.limit:
-            if self._room is None:
-                self._room = asyncio.Event()
-            await self._room.wait()
+        self.waiting += 1
+        try:
+            while self.used >= self.limit:
+                if self._room is None:
+                    self._room = asyncio.Event()
+                await self._room.wait()
+        finally:
+            self.waiting -= 1
 
 
 class Account:
