@@ -131,6 +131,9 @@ async def test_stream_synthesis_streams_the_call_runs_it_and_streams_the_answer(
     assert done.text == "".join(c.content for c in synthesis) and done.text.strip()
     _assert_usage(done.tool_phase)
     _assert_usage(done.synthesis_phase)
+    # A healthy model process needs no retry (when the backend reused its connections to
+    # llama-server, a request on one that the server had closed failed and was retried).
+    assert (done.tool_phase.retries, done.synthesis_phase.retries) == (0, 0)
 
 
 async def test_run_synthesis(model: Embedded) -> None:

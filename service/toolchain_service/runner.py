@@ -401,11 +401,12 @@ class StageRunner:
                 attempt += 1
                 stats.retries = attempt
                 log.info(
-                    "retrying %s phase on backend %s in %.2fs (attempt %d)",
+                    "retrying %s phase on backend %s in %.2fs (attempt %d): %s",
                     phase.name,
                     backend.name,
                     delay,
                     attempt,
+                    exc,
                 )
                 await asyncio.sleep(delay)
         stats.finish_reason = out.finish_reason

@@ -320,7 +320,7 @@ class LocalModelBackend(ChatBackend):
                 max_response_bytes=self._settings.max_response_bytes,
                 read_buffer_bytes=self._settings.read_buffer_bytes,
             )
-            self._http = OpenAIHTTPBackend(self.name, settings, self._budget)
+            self._http = OpenAIHTTPBackend(self.name, settings, self._budget, keep_alive=False)
             self._http_generation = generation
         return self._http, generation
 

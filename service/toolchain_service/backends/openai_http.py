@@ -222,7 +222,14 @@ def _connection_problem(exc: BaseException) -> str:
 
 
 class OpenAIHTTPBackend(ChatBackend):
-    def __init__(self, name: str, settings: BackendSettings, budget: ByteBudget | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: BackendSettings,
+        budget: ByteBudget | None = None,
+        *,
+        keep_alive: bool = True,
+    ) -> None:
         streams = True if settings.streams_tool_calls is None else settings.streams_tool_calls
         super().__init__(
             BackendInfo(
@@ -252,6 +259,9 @@ class OpenAIHTTPBackend(ChatBackend):
         self._merge = settings.merge_deltas
         #: The process's count of bytes held for callers, and its cap (budget.py).
         self._budget = budget
+        #: False: a new connection per request (the embedded model's llama-server, on
+        #: loopback, closes idle connections under a reused request: a retry each time).
+        self._keep_alive = keep_alive
         # Never echoed: a backend that repeats the key in an error message is redacted.
         self._secret = api_key if len(api_key) >= 8 else ""
 
@@ -267,7 +277,9 @@ class OpenAIHTTPBackend(ChatBackend):
             elif auth is not None:
                 self._request_headers = {**self._request_headers, **auth}  # a plain request goes to the proxy
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._settings.max_connections, limit_per_host=0),
+                connector=aiohttp.TCPConnector(
+                    limit=self._settings.max_connections, limit_per_host=0, force_close=not self._keep_alive
+                ),
                 headers=self._headers,
                 proxy=proxy,
                 read_bufsize=self._settings.read_buffer_bytes,
