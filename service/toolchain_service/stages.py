@@ -105,14 +105,14 @@ class StageHandle:
             self._grace_timer = loop.call_later(grace, self.cancel, CancelReason.DISCONNECTED)
         return True
 
-    def cancel(self, reason: CancelReason, *, wait_for_write: bool = True) -> bool:
+    def cancel(self, reason: CancelReason) -> bool:
         """Cancel the stage once; False when it already ended or was cancelled. A write in
-        progress is waited for (up to WRITE_GRACE) unless `wait_for_write` is false (a
-        stalled reader's write, which no grace will finish)."""
+        progress is waited for (up to WRITE_GRACE), except a stalled reader's: no grace
+        will finish a write stuck behind a reader that does not read."""
         if not self.active or self.reason != CancelReason.UNSPECIFIED:
             return False
         self.reason = reason
-        if self.writing and wait_for_write:
+        if self.writing and reason != CancelReason.READER_STALLED:
             loop = asyncio.get_running_loop()
             self._deferred = loop.call_later(WRITE_GRACE, self.task.cancel)
         else:
@@ -289,14 +289,8 @@ class StageManager:
                 if 0 < relay.writing < stuck:
                     handle.pressed = pressed
                     relay.stall()
-            elif 0 < handle.writing < stuck and self._cut(handle):
+            elif 0 < handle.writing < stuck and handle.cancel(CancelReason.READER_STALLED):
                 handle.pressed = pressed
-
-    @staticmethod
-    def _cut(handle: StageHandle) -> bool:
-        """READER_STALLED at once: the write is stuck behind a reader that does not read,
-        and no grace will finish it."""
-        return handle.cancel(CancelReason.READER_STALLED, wait_for_write=False)
 
     def cancel_all(self, reason: CancelReason) -> int:
         return sum(handle.cancel(reason) for handle in list(self._running.values()))
