@@ -427,6 +427,17 @@ async def _open(
     return channels, stubs
 
 
+def _take_stamps(content: str, now: int, last_stamp: int, gaps: list[int]) -> int:
+    """The stamped tokens of one chunk that arrived at `now`: each one's send-to-arrival gap
+    appended to `gaps` (ns), in send order; returns the last stamp."""
+    for token in content.split():
+        stamp = int(token)
+        _require(stamp > last_stamp, f"token {len(gaps)} stamped out of order")
+        last_stamp = stamp
+        gaps.append(now - stamp)
+    return last_stamp
+
+
 async def _drain(call: Any) -> None:
     async for _ in call:
         pass
@@ -500,11 +511,7 @@ async def rate_row(
                     if content:
                         text.append(content)
                         token_chunks += 1
-                    for token in content.split():
-                        stamp = int(token)
-                        _require(stamp > last_stamp, f"token {len(mine)} stamped out of order")
-                        last_stamp = stamp
-                        mine.append(now - stamp)
+                    last_stamp = _take_stamps(content, now, last_stamp, mine)
             done_at = time.monotonic_ns()
             done = stage.finish()
             _require(len(mine) == plan.tokens, f"{len(mine)} tokens, not {plan.tokens}")
@@ -584,9 +591,7 @@ async def pace_stream(
         async for response in stub.StreamSynthesis(request, timeout=timeout):
             now = time.monotonic_ns()
             if stage.take(response.event) == "chunk" and response.event.chunk.phase == pb.PHASE_SYNTHESIS:
-                for token in response.event.chunk.content.split():
-                    last_stamp = int(token)
-                    mine.append(now - last_stamp)
+                last_stamp = _take_stamps(response.event.chunk.content, now, last_stamp, mine)
         done_at = time.monotonic_ns()
         stage.finish()
         _require(len(mine) == tokens, f"{len(mine)} tokens, not {tokens}")
@@ -781,15 +786,15 @@ async def run_row(plan: Plan, kind: str, log_dir: Path, say: Callable[[str], Non
     try:
         backend, url = start_backend(log_dir, f"backend-{kind}", args)
         started.append(backend)
-        children = {"backend": backend}
+        pace: dict[str, Child] = {}
         pace_url = None
         if kind == "stall" and plan.pace_streams:
             stamped = ["--scenario", "stamped", "--rate", f"{plan.rate:g}", "--tokens", str(plan.tokens)]
-            children["pace"], pace_url = start_backend(log_dir, "backend-pace", stamped)
-            started.append(children["pace"])
+            pace["pace"], pace_url = start_backend(log_dir, "backend-pace", stamped)
+            started.append(pace["pace"])
         service, target = start_service(log_dir, url, plan.max_connections, env, pace_url)
         started.append(service)
-        children = {"server": service, **children}
+        children = {"server": service, "backend": backend, **pace}
         if kind == "overload":
             row = await rate_row(plan, children, url, target, overload=True)
         elif kind == "rate":
